@@ -36,7 +36,7 @@ class Registry:
     def blob_path(self, digest: str) -> Path:
         """Where the registry keeps a blob on disk (for corruption tests)."""
         algo, hexd = digest.split(":", 1)
-        return self.root / "data/docker/registry/v2/blobs" / algo / hexd[:2] / hexd / "data"
+        return self.root / "docker/registry/v2/blobs" / algo / hexd[:2] / hexd / "data"
 
 
 def start_registry(

@@ -1,0 +1,804 @@
+"""The OCI distribution client (aiohttp): manifests, blobs, range GETs and push.
+
+One ``RegistryClient`` holds one connection pool and the auth state of every registry
+it talks to.  Requests go to the endpoints from hosts.toml in order (mirrors, then the
+upstream); GET/HEAD are retried with exponential backoff on the last endpoint.
+Redirects are followed by hand so that ``Authorization`` never reaches another host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import re
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+
+from .auth import Authorizer, scope_for
+from .config import RegistryConfig
+from .credentials import CredentialStore
+from .errors import (DigestMismatchError, ManifestError, NotFoundError, RangeNotSupportedError, RegistryError,
+                     UnauthorizedError, UnreachableError)
+from .hosts import CAP_PULL, CAP_PUSH, CAP_RESOLVE, Endpoint, is_local, load_endpoints
+from .platforms import Platform
+from .reference import Reference, validate_digest
+from .types import INDEX_TYPES, MANIFEST_TYPES, Descriptor, Image, RegistryStats
+
+log = logging.getLogger(__name__)
+
+ACCEPT_MANIFESTS = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES))
+_REDIRECTS = (301, 302, 303, 307, 308)
+_RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+_DOWN_SECONDS = 30.0
+MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+ProgressFn = Callable[[int], None]
+
+
+def hasher(digest: str) -> "hashlib._Hash":
+    """A hash object for ``digest``'s algorithm (sha256 or sha512)."""
+    algo = digest.split(":", 1)[0]
+    if algo not in ("sha256", "sha512"):
+        raise DigestMismatchError(f"unsupported digest algorithm in {digest}")
+    return hashlib.new(algo)
+
+
+def digest_of(data: bytes, algo: str = "sha256") -> str:
+    return f"{algo}:{hashlib.new(algo, data).hexdigest()}"
+
+
+class _Response:
+    """An open response plus the endpoint it came from; release it with ``close``."""
+
+    def __init__(self, resp: aiohttp.ClientResponse, endpoint: Endpoint, client: "RegistryClient") -> None:
+        self.resp = resp
+        self.endpoint = endpoint
+        self._client = client
+
+    @property
+    def status(self) -> int:
+        return self.resp.status
+
+    @property
+    def headers(self) -> Any:
+        return self.resp.headers
+
+    async def read(self, limit: int | None = None) -> bytes:
+        """The body, or its first ``limit`` bytes (the connection is dropped after a partial read)."""
+        buf = bytearray()
+        while limit is None or len(buf) < limit:
+            chunk = await self.resp.content.read(1 << 20 if limit is None else min(1 << 20, limit - len(buf)))
+            if not chunk:
+                break
+            buf += chunk
+            self._client._received(len(chunk))
+        if limit is not None and not self.resp.content.at_eof():
+            self.resp.close()
+        return bytes(buf)
+
+    def close(self) -> None:
+        self.resp.release()
+
+
+class RegistryClient:
+    """Async OCI distribution client; use as ``async with RegistryClient(config) as client``."""
+
+    def __init__(self, config: RegistryConfig | None = None) -> None:
+        self.config = config or RegistryConfig()
+        self._session: aiohttp.ClientSession | None = None
+        self._auth = Authorizer(CredentialStore(self.config.docker_config), self._plain_http_allowed)
+        self._endpoints: dict[str, list[Endpoint]] = {}
+        self._ssl: dict[Endpoint, ssl.SSLContext | bool] = {}
+        self._scheme: dict[Endpoint, str] = {}
+        self._scheme_lock = asyncio.Lock()
+        self._down_until: dict[Endpoint, float] = {}
+        self._single_range_only: set[str] = set()
+        self._requests = 0
+        self._bytes = 0
+        self._in_flight = 0
+
+    async def __aenter__(self) -> "RegistryClient":
+        self._open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.config.connect_timeout,
+                                            sock_read=self.config.timeout)
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=self.config.max_connections_per_host)
+            self._session = aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False,
+                                                  headers={"User-Agent": "lazyd/0.1"})
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def stats(self) -> RegistryStats:
+        """Request counters since the client was created."""
+        return RegistryStats(self._requests, self._bytes, self._in_flight)
+
+    def _received(self, n: int) -> None:
+        self._bytes += n
+
+    # -- endpoints and TLS -------------------------------------------------------------
+
+    def _plain_http_allowed(self, host: str) -> bool:
+        return is_local(host) or host in self.config.plain_http
+
+    def endpoints(self, registry: str) -> list[Endpoint]:
+        """The endpoints for ``registry`` from hosts.toml, mirrors first."""
+        if registry not in self._endpoints:
+            self._endpoints[registry] = load_endpoints(registry, self.config.hosts_dir, self.config.plain_http)
+        return self._endpoints[registry]
+
+    def _ssl_for(self, ep: Endpoint) -> ssl.SSLContext | bool:
+        if ep not in self._ssl:
+            ctx = ssl.create_default_context()
+            try:
+                for ca in ep.ca:
+                    ctx.load_verify_locations(cafile=ca)
+                for cert, key in ep.client_certs:
+                    ctx.load_cert_chain(cert, key)
+            except (OSError, ssl.SSLError) as exc:
+                raise UnreachableError(f"TLS settings for {ep.describe()} are unusable: {exc}") from exc
+            if ep.skip_verify:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            self._ssl[ep] = ctx
+        return self._ssl[ep]
+
+    async def _scheme_of(self, ep: Endpoint) -> str:
+        """https, or http for a local endpoint whose server does not speak TLS."""
+        if not ep.http_fallback:
+            return ep.scheme
+        async with self._scheme_lock:
+            if ep not in self._scheme:
+                self._scheme[ep] = await self._probe_tls(ep)
+            return self._scheme[ep]
+
+    async def _probe_tls(self, ep: Endpoint) -> str:
+        parts = urlsplit(f"https://{ep.host}")
+        host, port = parts.hostname or ep.host, parts.port or 443
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port, ssl=ctx), self.config.connect_timeout)
+        except ssl.SSLError:
+            log.debug("%s does not speak TLS; using plain HTTP (local host)", ep.host)
+            return "http"
+        except (OSError, asyncio.TimeoutError):
+            return "https"  # unreachable either way; the request reports it
+        writer.close()
+        try:
+            await writer.wait_closed()
+        except (OSError, ssl.SSLError):
+            pass
+        return "https"
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def _send(self, ep: Endpoint, method: str, url: str, scopes: tuple[str, ...], headers: dict[str, str],
+                    data: bytes | None) -> aiohttp.ClientResponse:
+        """One request with auth (one retry after a 401) and redirects without leaking credentials."""
+        session = self._open()
+        sslctx: ssl.SSLContext | bool = self._ssl_for(ep) if url.startswith("https:") else False
+        host = ep.host
+        auth = await self._auth.header(session, host, scopes, sslctx)
+        tried_refresh = False
+        while True:
+            hdrs = dict(ep.headers)
+            hdrs.update(headers)
+            if auth:
+                hdrs["Authorization"] = auth
+            resp = await self._raw(session, method, url, hdrs, data, sslctx)
+            if resp.status == 401 and not tried_refresh:
+                challenge = resp.headers.get("WWW-Authenticate", "")
+                resp.release()
+                tried_refresh = True
+                auth = await self._auth.unauthorized(session, host, scopes, challenge, auth, sslctx)
+                continue
+            break
+        redirects = 0
+        origin = (urlsplit(url).scheme, urlsplit(url).netloc)
+        while resp.status in _REDIRECTS and "Location" in resp.headers:
+            redirects += 1
+            if redirects > 10:
+                resp.release()
+                raise UnreachableError(f"too many redirects from {ep.describe()} for {method} {urlsplit(url).path}")
+            target = urljoin(str(resp.url), resp.headers["Location"])
+            resp.release()
+            parts = urlsplit(target)
+            if parts.scheme == "http" and not self._plain_http_allowed(parts.netloc):
+                raise UnreachableError(f"{ep.describe()} redirected to plain-HTTP host {parts.netloc}, which is not allowed")
+            same_origin = (parts.scheme, parts.netloc) == origin
+            hdrs = dict(headers)
+            if same_origin:
+                hdrs.update(dict(ep.headers))
+                if auth:
+                    hdrs["Authorization"] = auth
+            sslctx = (self._ssl_for(ep) if same_origin else True) if parts.scheme == "https" else False
+            if resp.status == 303:
+                method, data = "GET", None
+            log.debug("redirect to %s://%s%s", parts.scheme, parts.netloc, parts.path)
+            resp = await self._raw(session, method, target, hdrs, data, sslctx)
+        return resp
+
+    async def _raw(self, session: aiohttp.ClientSession, method: str, url: str, headers: dict[str, str],
+                   data: bytes | None, sslctx: ssl.SSLContext | bool) -> aiohttp.ClientResponse:
+        self._requests += 1
+        self._in_flight += 1
+        try:
+            resp = await session.request(method, url, headers=headers, data=data, ssl=sslctx, allow_redirects=False)
+        finally:
+            self._in_flight -= 1
+        log.debug("%s %s -> %d", method, url.split("?", 1)[0], resp.status)
+        return resp
+
+    async def _call(self, registry: str, repository: str, method: str, path: str, *, capability: str,
+                    actions: str = "pull", headers: dict[str, str] | None = None, data: bytes | None = None,
+                    ok: tuple[int, ...] = (200,), what: str = "", extra_scopes: tuple[str, ...] = ()) -> _Response:
+        """Send to each endpoint in turn until one answers with a status in ``ok``."""
+        idempotent = method in ("GET", "HEAD")
+        endpoints = [ep for ep in self.endpoints(registry) if capability in ep.capabilities]
+        if not endpoints:
+            raise RegistryError(f"no endpoint of registry {registry} has the {capability!r} capability (hosts.toml)")
+        scopes = (scope_for(repository, actions), *extra_scopes) if repository else extra_scopes
+        what = what or f"{method} {path}"
+        last: RegistryError | None = None
+        for i, ep in enumerate(endpoints):
+            final = i == len(endpoints) - 1
+            where = ep.describe()
+            if not final and self._down_until.get(ep, 0) > time.monotonic():
+                continue
+            attempts = 1 + (self.config.retries if idempotent and final else 0)
+            for attempt in range(attempts):
+                if attempt:
+                    await asyncio.sleep(self.config.backoff * (2 ** (attempt - 1)))
+                try:
+                    scheme = await self._scheme_of(ep)
+                    where = f"{'mirror ' if ep.mirror else ''}{scheme}://{ep.host}"
+                    url = f"{scheme}://{ep.host}{ep.path}{path}"
+                    resp = await self._send(ep, method, url, scopes, headers or {}, data)
+                except aiohttp.ClientConnectorCertificateError as exc:
+                    last = UnreachableError(f"TLS certificate of {ep.describe()} ({registry}) is not trusted: "
+                                            f"{exc.certificate_error}")
+                    break
+                except aiohttp.ClientSSLError as exc:
+                    last = UnreachableError(f"TLS handshake with {ep.describe()} ({registry}) failed: {exc}")
+                    break
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    last = UnreachableError(f"{where} ({registry}) is unreachable for {what}: "
+                                            f"{type(exc).__name__}: {exc}")
+                    self._down_until[ep] = time.monotonic() + _DOWN_SECONDS
+                    continue
+                except UnauthorizedError as exc:
+                    last = exc
+                    break
+                if resp.status in ok:
+                    self._down_until.pop(ep, None)
+                    return _Response(resp, ep, self)
+                status = resp.status
+                body = (await resp.content.read(4096)) if method != "HEAD" else b""
+                resp.release()
+                detail = _error_detail(body)
+                if status in (401, 403):
+                    sent = resp.request_info.headers.get("Authorization", "")
+                    why = ("it rejected the configured credentials" if sent.startswith("Basic ") else
+                           "the token it issued does not grant access" if sent.startswith("Bearer ") else
+                           "no credentials are configured")
+                    last = UnauthorizedError(f"registry {registry} ({where}) denied {what} for scope "
+                                             f"{' '.join(scopes)}: HTTP {status}, {why}{detail}")
+                    break
+                if status == 404:
+                    last = NotFoundError(f"{what} not found in {registry}/{repository} ({where}){detail}")
+                    break
+                if status in _RETRY_STATUS:
+                    last = UnreachableError(f"{where} ({registry}) answered HTTP {status} for {what}{detail}")
+                    continue
+                if status == 416:
+                    raise RangeNotSupportedError(f"{where} ({registry}) cannot serve the range asked for in {what}{detail}")
+                raise RegistryError(f"{where} ({registry}) answered HTTP {status} for {what}{detail}")
+        assert last is not None
+        raise last
+
+    # -- public API: pull --------------------------------------------------------------
+
+    async def ping(self, ref: Reference) -> None:
+        """Raise UnreachableError unless some endpoint of the registry answers ``/v2/``."""
+        errors = []
+        for ep in self.endpoints(ref.registry):
+            try:
+                scheme = await self._scheme_of(ep)
+                resp = await self._raw(self._open(), "GET", f"{scheme}://{ep.host}{ep.path}/", dict(ep.headers), None,
+                                       self._ssl_for(ep) if scheme == "https" else False)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                errors.append(f"{ep.describe()}: {type(exc).__name__}")
+                continue
+            resp.release()
+            if resp.status in (200, 401):
+                return
+            errors.append(f"{ep.describe()}: HTTP {resp.status}")
+        raise UnreachableError(f"registry {ref.registry} is unreachable ({'; '.join(errors)})")
+
+    async def get_manifest(self, ref: Reference, digest: str | None = None) -> tuple[bytes, str, str]:
+        """Fetch a manifest or index: (body, media type, verified digest)."""
+        obj = digest or ref.object
+
+        async def attempt() -> tuple[bytes, str | None, str]:
+            resp = await self._call(ref.registry, ref.repository, "GET", f"/{ref.repository}/manifests/{obj}",
+                                    capability=CAP_RESOLVE if not digest and not ref.digest else CAP_PULL,
+                                    headers={"Accept": ACCEPT_MANIFESTS}, what=f"manifest {obj}")
+            try:
+                if int(resp.headers.get("Content-Length") or 0) > MAX_MANIFEST_SIZE:
+                    raise ManifestError(f"manifest {obj} of {ref.name} is larger than {MAX_MANIFEST_SIZE} bytes")
+                return (await resp.read(MAX_MANIFEST_SIZE + 1), resp.headers.get("Docker-Content-Digest"),
+                        resp.headers.get("Content-Type", "").split(";")[0].strip())
+            finally:
+                resp.close()
+
+        body, header_digest, content_type = await self._with_body_retries(f"manifest {obj} of {ref.name}", attempt)
+        if len(body) > MAX_MANIFEST_SIZE:
+            raise ManifestError(f"manifest {obj} of {ref.name} is larger than {MAX_MANIFEST_SIZE} bytes")
+        expected = digest or ref.digest or header_digest
+        actual = digest_of(body, expected.split(":", 1)[0] if expected else "sha256")
+        if expected and actual != expected:
+            raise DigestMismatchError(f"manifest {obj} of {ref.name} has digest {actual}, expected {expected}")
+        try:
+            doc = json.loads(body)
+        except ValueError as exc:
+            raise ManifestError(f"manifest {obj} of {ref.name} is not JSON") from exc
+        media_type = doc.get("mediaType") if isinstance(doc, dict) else None
+        media_type = media_type or content_type
+        if media_type not in (*MANIFEST_TYPES, *INDEX_TYPES):
+            if isinstance(doc, dict) and "manifests" in doc:
+                media_type = INDEX_TYPES[0]
+            elif isinstance(doc, dict) and doc.get("schemaVersion") == 2 and "layers" in doc:
+                media_type = MANIFEST_TYPES[0]
+            else:
+                raise ManifestError(f"manifest {obj} of {ref.name} has unsupported media type {media_type or '?'}"
+                                    " (schema 1 manifests are not supported)")
+        return body, media_type, actual
+
+    async def resolve(self, ref: Reference, platform: str | Platform | None = None) -> Image:
+        """Resolve ``ref`` to one platform's manifest and config (host platform by default)."""
+        body, media_type, digest = await self.get_manifest(ref)
+        index_digest = None
+        if media_type in INDEX_TYPES:
+            index_digest = digest
+            child = select_platform(json.loads(body), platform, f"{ref}")
+            body, media_type, digest = await self.get_manifest(ref, child.digest)
+            if media_type not in MANIFEST_TYPES:
+                raise ManifestError(f"index entry {child.digest} of {ref} is not an image manifest ({media_type})")
+        return await self._image(ref, body, media_type, digest, index_digest)
+
+    async def _image(self, ref: Reference, body: bytes, media_type: str, digest: str, index_digest: str | None) -> Image:
+        manifest = json.loads(body)
+        where = f"manifest {digest} of {ref.name}"
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("layers"), list):
+            raise ManifestError(f"{where} has no layers list")
+        config_desc = Descriptor.from_json(manifest.get("config"), f"{where} config")
+        layers = [Descriptor.from_json(layer, f"{where} layer {i}") for i, layer in enumerate(manifest["layers"])]
+        config_bytes = await self.fetch_bytes(ref, config_desc.digest, max_size=MAX_MANIFEST_SIZE)
+        try:
+            config = json.loads(config_bytes)
+        except ValueError as exc:
+            raise ManifestError(f"config {config_desc.digest} of {ref.name} is not JSON") from exc
+        if not isinstance(config, dict):
+            raise ManifestError(f"config {config_desc.digest} of {ref.name} is not a JSON object")
+        return Image(ref=ref.with_digest(digest) if not ref.digest else ref, manifest_digest=digest,
+                     manifest_media_type=media_type, manifest=manifest, config_digest=config_desc.digest,
+                     config=config, layers=layers, config_media_type=config_desc.media_type,
+                     manifest_bytes=body, config_bytes=config_bytes, index_digest=index_digest)
+
+    async def blob_size(self, ref: Reference, digest: str) -> int:
+        """The size of a blob from a HEAD request."""
+        validate_digest(digest)
+        resp = await self._call(ref.registry, ref.repository, "HEAD", f"/{ref.repository}/blobs/{digest}",
+                                capability=CAP_PULL, what=f"blob {digest}")
+        resp.close()
+        length = resp.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise RegistryError(f"{resp.endpoint.describe()} sent no Content-Length for blob {digest} of {ref.name}")
+        return int(length)
+
+    async def blob_exists(self, ref: Reference, digest: str) -> bool:
+        """True when the repository has the blob (HEAD 200), False on 404."""
+        try:
+            await self.blob_size(ref, digest)
+            return True
+        except NotFoundError:
+            return False
+
+    async def fetch_bytes(self, ref: Reference, digest: str, max_size: int = 64 * 1024 * 1024) -> bytes:
+        """A small blob in memory, digest verified."""
+        async def attempt() -> tuple[bytes, _Response]:
+            resp = await self._call(ref.registry, ref.repository, "GET", f"/{ref.repository}/blobs/{digest}",
+                                    capability=CAP_PULL, what=f"blob {digest}")
+            try:
+                return await resp.read(max_size + 1), resp
+            finally:
+                resp.close()
+
+        data, resp = await self._with_body_retries(f"blob {digest} of {ref.name}", attempt)
+        if len(data) > max_size:
+            raise RegistryError(f"blob {digest} of {ref.name} is larger than {max_size} bytes")
+        h = hasher(digest)
+        h.update(data)
+        if f"{digest.split(':')[0]}:{h.hexdigest()}" != digest:
+            raise DigestMismatchError(f"blob {digest} of {ref.name} downloaded from "
+                                      f"{resp.endpoint.describe()} does not match its digest")
+        return data
+
+    async def fetch_blob(self, ref: Reference, digest: str, path: str | os.PathLike[str],
+                         progress: ProgressFn | None = None) -> int:
+        """Download a whole blob to ``path`` (atomically), verifying its digest; returns its size."""
+        validate_digest(digest)
+        dst = Path(path)
+        tmp = dst.with_name(f".{dst.name}.part-{os.getpid()}")
+        attempts = 1 + self.config.retries
+        for attempt in range(attempts):
+            h = hasher(digest)
+            size = 0
+            resp = await self._call(ref.registry, ref.repository, "GET", f"/{ref.repository}/blobs/{digest}",
+                                    capability=CAP_PULL, what=f"blob {digest}")
+            try:
+                with open(tmp, "wb") as f:
+                    while True:
+                        chunk = await resp.resp.content.read(1 << 20)
+                        if not chunk:
+                            break
+                        self._bytes += len(chunk)
+                        h.update(chunk)
+                        f.write(chunk)
+                        size += len(chunk)
+                        if progress:
+                            progress(len(chunk))
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                tmp.unlink(missing_ok=True)
+                if progress and size:
+                    progress(-size)
+                if attempt + 1 < attempts:
+                    await asyncio.sleep(self.config.backoff * (2 ** attempt))
+                    continue
+                raise UnreachableError(f"download of blob {digest} of {ref.name} failed: {type(exc).__name__}") from exc
+            finally:
+                resp.close()
+            actual = f"{digest.split(':')[0]}:{h.hexdigest()}"
+            if actual != digest:
+                tmp.unlink(missing_ok=True)
+                raise DigestMismatchError(f"blob {digest} of {ref.name} from {resp.endpoint.describe()} "
+                                          f"hashes to {actual}")
+            os.replace(tmp, dst)
+            return size
+        raise AssertionError("unreachable")
+
+    async def fetch_ranges(self, ref: Reference, digest: str, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """Bytes of each ``(offset, length)`` range of a blob, in the order asked.
+
+        Several ranges go in one multi-range request when the registry supports it;
+        otherwise (or when it ignores ``Range`` and sends the whole blob) the client
+        falls back to single ranges, reading no further than the last byte needed.
+        """
+        validate_digest(digest)
+        for off, length in ranges:
+            if off < 0 or length <= 0:
+                raise ValueError(f"invalid range (offset={off}, length={length}) for blob {digest}")
+        if not ranges:
+            return []
+        wanted = sorted(set(ranges))
+        got: dict[tuple[int, int], bytes] = {}
+        if len(wanted) == 1 or ref.registry in self._single_range_only:
+            await self._fetch_singles(ref, digest, wanted, got)
+        else:
+            n = max(1, self.config.max_ranges_per_request)
+            batches = [wanted[i : i + n] for i in range(0, len(wanted), n)]
+            await asyncio.gather(*(self._fetch_multi(ref, digest, b, got) for b in batches))
+        return [got[r] for r in ranges]
+
+    async def _fetch_singles(self, ref: Reference, digest: str, wanted: list[tuple[int, int]],
+                             got: dict[tuple[int, int], bytes]) -> None:
+        sem = asyncio.Semaphore(max(1, self.config.max_connections_per_host))
+
+        async def one(r: tuple[int, int]) -> None:
+            async with sem:
+                got[r] = await self._fetch_single(ref, digest, r)
+
+        await asyncio.gather(*(one(r) for r in wanted))
+
+    async def _with_body_retries(self, what: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+        """Run ``fn`` (a request plus body read); retry when the body breaks off mid-way."""
+        attempts = 1 + self.config.retries
+        for attempt in range(attempts):
+            try:
+                return await fn()
+            except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
+                    asyncio.TimeoutError) as exc:
+                if attempt + 1 >= attempts:
+                    raise UnreachableError(f"reading {what} failed after {attempts} attempts: "
+                                           f"{type(exc).__name__}") from exc
+                log.debug("reading %s failed (%s); retrying", what, type(exc).__name__)
+                await asyncio.sleep(self.config.backoff * (2 ** attempt))
+        raise AssertionError("unreachable")
+
+    async def _fetch_single(self, ref: Reference, digest: str, r: tuple[int, int]) -> bytes:
+        off, length = r
+        what = f"range {off}+{length} of blob {digest} in {ref.name}"
+
+        async def attempt() -> bytes:
+            resp = await self._call(ref.registry, ref.repository, "GET", f"/{ref.repository}/blobs/{digest}",
+                                    capability=CAP_PULL, headers={"Range": f"bytes={off}-{off + length - 1}"},
+                                    ok=(200, 206), what=what)
+            try:
+                if resp.status == 200:
+                    return (await resp.read(off + length))[off:]
+                start = _content_range_start(resp.headers.get("Content-Range"), what)
+                if start != off:
+                    raise RangeNotSupportedError(f"{resp.endpoint.describe()} answered {what} with bytes from {start}")
+                return await resp.read(length)
+            finally:
+                resp.close()
+
+        data = await self._with_body_retries(what, attempt)
+        if len(data) != length:
+            raise RangeNotSupportedError(f"{what}: got {len(data)} bytes (range past the end of the blob?)")
+        return data
+
+    async def _fetch_multi(self, ref: Reference, digest: str, batch: list[tuple[int, int]],
+                           got: dict[tuple[int, int], bytes]) -> None:
+        if len(batch) == 1 or ref.registry in self._single_range_only:
+            await self._fetch_singles(ref, digest, batch, got)
+            return
+        spec = ",".join(f"{o}-{o + n - 1}" for o, n in batch)
+        what = f"{len(batch)} ranges of blob {digest}"
+        try:
+            resp = await self._call(ref.registry, ref.repository, "GET", f"/{ref.repository}/blobs/{digest}",
+                                    capability=CAP_PULL, headers={"Range": f"bytes={spec}"}, ok=(200, 206), what=what)
+        except RangeNotSupportedError:
+            self._single_range_only.add(ref.registry)
+            await self._fetch_singles(ref, digest, batch, got)
+            return
+        except RegistryError as exc:
+            if isinstance(exc, (NotFoundError, UnauthorizedError, UnreachableError)):
+                raise
+            log.debug("multi-range GET refused by %s (%s); using single ranges", ref.registry, exc)
+            self._single_range_only.add(ref.registry)
+            await self._fetch_singles(ref, digest, batch, got)
+            return
+        try:
+            parts = await self._read_parts(resp, batch, what)
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
+                asyncio.TimeoutError) as exc:
+            log.debug("multi-range answer broke off (%s); using single ranges with retries", type(exc).__name__)
+            parts = []
+        missing = []
+        for r in batch:
+            off, length = r
+            for start, data in parts:
+                if start <= off and off + length <= start + len(data):
+                    got[r] = data[off - start : off - start + length]
+                    break
+            else:
+                missing.append(r)
+        if missing:
+            await self._fetch_singles(ref, digest, missing, got)
+
+    async def _read_parts(self, resp: _Response, batch: list[tuple[int, int]], what: str) -> list[tuple[int, bytes]]:
+        try:
+            ctype = resp.headers.get("Content-Type", "")
+            if resp.status == 200:
+                return [(0, await resp.read(max(o + n for o, n in batch)))]
+            if ctype.startswith("multipart/byteranges"):
+                return _parse_multipart(await resp.read(), _boundary(ctype), what)
+            start = _content_range_start(resp.headers.get("Content-Range"), what)
+            return [(start, await resp.read())]
+        finally:
+            resp.close()
+
+    # -- public API: push --------------------------------------------------------------
+
+    async def push_blob(self, ref: Reference, digest: str, source: str | os.PathLike[str] | bytes,
+                        mount_from: Reference | None = None, progress: ProgressFn | None = None) -> str:
+        """Upload a blob unless the repository has it; returns "exists", "mounted" or "uploaded"."""
+        validate_digest(digest)
+        if await self.blob_exists(ref, digest):
+            return "exists"
+        extra: tuple[str, ...] = ()
+        query = ""
+        if mount_from is not None and mount_from.registry == ref.registry and mount_from.repository != ref.repository:
+            extra = (scope_for(mount_from.repository, "pull"),)
+            query = f"?mount={digest}&from={mount_from.repository}"
+        resp = await self._call(ref.registry, ref.repository, "POST", f"/{ref.repository}/blobs/uploads/{query}",
+                                capability=CAP_PUSH, actions="pull,push", ok=(201, 202), extra_scopes=extra,
+                                what=f"upload of blob {digest}")
+        resp.close()
+        if resp.status == 201:
+            return "mounted"
+        location = self._location(resp, ref, "upload start")
+        size = len(source) if isinstance(source, bytes) else os.path.getsize(source)
+        chunk = max(1, self.config.upload_chunk_size)
+        if size <= chunk:
+            data = source if isinstance(source, bytes) else Path(source).read_bytes()
+            await self._finish_upload(ref, digest, location, data, progress)
+            return "uploaded"
+        offset = 0
+        with (open(source, "rb") if not isinstance(source, bytes) else _BytesReader(source)) as f:  # type: ignore[arg-type]
+            while offset < size:
+                data = f.read(chunk)
+                headers = {"Content-Type": "application/octet-stream",
+                           "Content-Range": f"{offset}-{offset + len(data) - 1}"}
+                resp = await self._upload_request(ref, "PATCH", location, headers, data, (202,), digest)
+                resp.close()
+                location = self._location(resp, ref, "chunk upload")
+                offset += len(data)
+                if progress:
+                    progress(len(data))
+        await self._finish_upload(ref, digest, location, b"", None)
+        return "uploaded"
+
+    async def mount_blob(self, ref: Reference, digest: str, mount_from: Reference) -> bool:
+        """Cross-repository mount of a blob within one registry; False when the registry declines."""
+        validate_digest(digest)
+        if mount_from.registry != ref.registry:
+            return False
+        resp = await self._call(ref.registry, ref.repository, "POST",
+                                f"/{ref.repository}/blobs/uploads/?mount={digest}&from={mount_from.repository}",
+                                capability=CAP_PUSH, actions="pull,push", ok=(201, 202),
+                                extra_scopes=(scope_for(mount_from.repository, "pull"),),
+                                what=f"mount of blob {digest}")
+        resp.close()
+        if resp.status == 201:
+            return True
+        # The registry opened an upload instead; cancel it.
+        location = self._location(resp, ref, "mount")
+        try:
+            cancel = await self._upload_request(ref, "DELETE", location, {}, b"", (200, 202, 204, 404), digest)
+            cancel.close()
+        except RegistryError as exc:
+            log.debug("cancelling upload after a declined mount failed: %s", exc)
+        return False
+
+    async def _finish_upload(self, ref: Reference, digest: str, location: str, data: bytes,
+                             progress: ProgressFn | None) -> None:
+        sep = "&" if "?" in location else "?"
+        headers = {"Content-Type": "application/octet-stream"}
+        resp = await self._upload_request(ref, "PUT", f"{location}{sep}digest={digest}", headers, data, (201, 204), digest)
+        resp.close()
+        if progress and data:
+            progress(len(data))
+
+    async def _upload_request(self, ref: Reference, method: str, url: str, headers: dict[str, str], data: bytes,
+                              ok: tuple[int, ...], digest: str) -> _Response:
+        """PATCH/PUT to an upload location (absolute URL from the registry); not retried."""
+        ep = next(ep for ep in self.endpoints(ref.registry) if CAP_PUSH in ep.capabilities)
+        scopes = (scope_for(ref.repository, "pull,push"),)
+        try:
+            raw = await self._send(ep, method, url, scopes, headers, data)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            raise UnreachableError(f"{ep.describe()} ({ref.registry}) failed during upload of {digest}: "
+                                   f"{type(exc).__name__}") from exc
+        if raw.status not in ok:
+            body = await raw.content.read(4096)
+            raw.release()
+            if raw.status in (401, 403):
+                raise UnauthorizedError(f"registry {ref.registry} denied upload of {digest} for scope {scopes[0]}")
+            if raw.status == 400 and b"DIGEST_INVALID" in body:
+                raise DigestMismatchError(f"registry {ref.registry} says uploaded blob does not match {digest}")
+            raise RegistryError(f"{ep.describe()} answered HTTP {raw.status} to {method} during upload of "
+                                f"{digest}{_error_detail(body)}")
+        return _Response(raw, ep, self)
+
+    def _location(self, resp: _Response, ref: Reference, what: str) -> str:
+        loc = resp.headers.get("Location")
+        if not loc:
+            raise RegistryError(f"{resp.endpoint.describe()} sent no Location for {what} in {ref.name}")
+        return urljoin(str(resp.resp.url), loc)
+
+    async def put_manifest(self, ref: Reference, body: bytes, media_type: str) -> str:
+        """PUT a manifest or index under ``ref``'s tag (or its digest); returns its digest."""
+        digest = digest_of(body)
+        obj = ref.tag or ref.digest or digest
+        resp = await self._call(ref.registry, ref.repository, "PUT", f"/{ref.repository}/manifests/{obj}",
+                                capability=CAP_PUSH, actions="pull,push", headers={"Content-Type": media_type},
+                                data=body, ok=(200, 201, 202, 204), what=f"push of manifest {obj}")
+        resp.close()
+        returned = resp.headers.get("Docker-Content-Digest")
+        if returned and returned != digest:
+            raise DigestMismatchError(f"registry {ref.registry} stored manifest {obj} as {returned}, expected {digest}")
+        return digest
+
+
+class _BytesReader:
+    def __init__(self, data: bytes) -> None:
+        self._data, self._pos = data, 0
+
+    def read(self, n: int) -> bytes:
+        out = self._data[self._pos : self._pos + n]
+        self._pos += len(out)
+        return out
+
+    def __enter__(self) -> "_BytesReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def select_platform(index: Any, platform: str | Platform | None, where: str) -> Descriptor:
+    """The manifest descriptor of ``platform`` (host's by default) in an image index."""
+    if not isinstance(index, dict) or not isinstance(index.get("manifests"), list):
+        raise ManifestError(f"index of {where} has no manifests list")
+    want = platform if isinstance(platform, Platform) else Platform.parse(platform) if platform else Platform.host()
+    descs = [Descriptor.from_json(m, f"index of {where}") for m in index["manifests"]]
+    for desc in descs:
+        if desc.media_type in MANIFEST_TYPES and want.matches(desc.platform):
+            return desc
+    available = ", ".join(sorted({str(Platform.parse(f"{d.platform.get('os')}/{d.platform.get('architecture')}"))
+                                  for d in descs if d.platform and d.platform.get("os") and d.platform.get("architecture")}))
+    raise ManifestError(f"{where} has no manifest for platform {want} (available: {available or 'none'})")
+
+
+def _error_detail(body: bytes) -> str:
+    try:
+        doc = json.loads(body)
+        errs = doc.get("errors") or []
+        codes = [f"{e.get('code')}: {e.get('message')}" for e in errs if isinstance(e, dict)]
+        return f" ({'; '.join(codes)})" if codes else ""
+    except (ValueError, AttributeError):
+        return ""
+
+
+def _content_range_start(value: str | None, what: str) -> int:
+    m = _CONTENT_RANGE.match(value or "")
+    if not m:
+        raise RangeNotSupportedError(f"partial answer to {what} has no valid Content-Range ({value!r})")
+    return int(m.group(1))
+
+
+def _boundary(content_type: str) -> str:
+    m = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not m:
+        raise RangeNotSupportedError(f"multipart answer without a boundary: {content_type!r}")
+    return m.group(1)
+
+
+def _parse_multipart(body: bytes, boundary: str, what: str) -> list[tuple[int, bytes]]:
+    """Split a multipart/byteranges body into (start, data) parts using each part's Content-Range."""
+    delim = f"--{boundary}".encode()
+    parts: list[tuple[int, bytes]] = []
+    pos = body.find(delim)
+    while pos >= 0:
+        pos += len(delim)
+        if body[pos : pos + 2] == b"--":
+            break
+        head_end = body.find(b"\r\n\r\n", pos)
+        if head_end < 0:
+            raise RangeNotSupportedError(f"truncated multipart answer to {what}")
+        headers = body[pos:head_end].decode("latin-1").split("\r\n")
+        crange = next((h.split(":", 1)[1].strip() for h in headers if h.lower().startswith("content-range:")), None)
+        m = _CONTENT_RANGE.match(crange or "")
+        if not m:
+            raise RangeNotSupportedError(f"multipart part without Content-Range in answer to {what}")
+        start, end = int(m.group(1)), int(m.group(2))
+        data_start = head_end + 4
+        data = body[data_start : data_start + end - start + 1]
+        if len(data) != end - start + 1:
+            raise RangeNotSupportedError(f"truncated multipart part in answer to {what}")
+        parts.append((start, data))
+        pos = body.find(delim, data_start + len(data))
+    return parts

@@ -1,0 +1,107 @@
+"""Data types the registry client returns: descriptors, resolved images, counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ManifestError
+from .reference import Reference
+
+MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+MEDIA_OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+MEDIA_OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+MEDIA_OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+MEDIA_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+MEDIA_DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+
+MANIFEST_TYPES = (MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST)
+INDEX_TYPES = (MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST)
+GZIP_LAYER_TYPES = (MEDIA_OCI_LAYER_GZIP, MEDIA_DOCKER_LAYER_GZIP)
+
+ANNOTATION_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
+ANNOTATION_UNCOMPRESSED_SIZE = "io.containers.estargz.uncompressed-size"
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """An OCI content descriptor."""
+
+    media_type: str
+    digest: str
+    size: int
+    annotations: dict[str, str] = field(default_factory=dict)
+    urls: list[str] = field(default_factory=list)
+    platform: dict[str, Any] | None = None
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> "Descriptor":
+        """Build from a manifest's JSON object; ``where`` names it in errors."""
+        if not isinstance(data, dict):
+            raise ManifestError(f"{where}: descriptor is not an object")
+        media_type, digest, size = data.get("mediaType"), data.get("digest"), data.get("size")
+        if not isinstance(digest, str) or ":" not in digest:
+            raise ManifestError(f"{where}: descriptor has no valid digest")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ManifestError(f"{where}: descriptor {digest} has no valid size")
+        if not isinstance(media_type, str):
+            raise ManifestError(f"{where}: descriptor {digest} has no mediaType")
+        annotations = data.get("annotations") or {}
+        urls = data.get("urls") or []
+        if not isinstance(annotations, dict) or not isinstance(urls, list):
+            raise ManifestError(f"{where}: descriptor {digest} has malformed annotations or urls")
+        platform = data.get("platform")
+        return cls(media_type, digest, size, {str(k): str(v) for k, v in annotations.items()},
+                   [str(u) for u in urls], platform if isinstance(platform, dict) else None)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        if self.annotations:
+            out["annotations"] = dict(self.annotations)
+        if self.urls:
+            out["urls"] = list(self.urls)
+        if self.platform:
+            out["platform"] = dict(self.platform)
+        return out
+
+    @property
+    def toc_digest(self) -> str | None:
+        """The eStargz TOC digest annotation, if the layer carries one."""
+        return self.annotations.get(ANNOTATION_TOC_DIGEST)
+
+
+@dataclass(frozen=True)
+class Image:
+    """A resolved single-platform image: its manifest, config and layers."""
+
+    ref: Reference
+    manifest_digest: str
+    manifest_media_type: str
+    manifest: dict[str, Any]
+    config_digest: str
+    config: dict[str, Any]
+    layers: list[Descriptor]
+    config_media_type: str = MEDIA_OCI_CONFIG
+    manifest_bytes: bytes = b""
+    config_bytes: bytes = b""
+    index_digest: str | None = None
+
+    @property
+    def platform(self) -> str:
+        """``os/arch[/variant]`` from the config."""
+        parts = [str(self.config.get("os", "")), str(self.config.get("architecture", ""))]
+        if self.config.get("variant"):
+            parts.append(str(self.config["variant"]))
+        return "/".join(parts)
+
+
+@dataclass(frozen=True)
+class RegistryStats:
+    """Request counters of one client (no URLs, no secrets)."""
+
+    requests: int = 0
+    bytes_received: int = 0
+    in_flight: int = 0
