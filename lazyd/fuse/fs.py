@@ -1,0 +1,241 @@
+"""The read-only llfuse filesystem of a worker: one top-level directory per layer.
+
+Inode numbers: the FUSE root is ``llfuse.ROOT_INODE``; inode ``i`` of the layer
+in slot ``s`` (slots start at 1 and are never reused) is ``s << 32 | i``, so
+numbers are unique across the layers of one worker and stable for its life.
+Every handler runs under llfuse's global lock; the reader releases it while it
+waits for the fetcher.  Attributes never change, so the kernel may cache
+entries, attributes and page-cache data for as long as it likes.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+
+import llfuse
+
+from lazyd.fuse.inodes import ROOT, InodeTable
+from lazyd.fuse.reader import ChunkReader, MountCounters
+
+log = logging.getLogger(__name__)
+
+CACHE_TIMEOUT = 3600.0
+_SLOT_SHIFT = 32
+_LOCAL_MASK = (1 << _SLOT_SHIFT) - 1
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
+
+@dataclass
+class Layer:
+    """One mounted layer: its name in the FUSE root, its digest and its inodes."""
+
+    slot: int
+    mount_id: str
+    layer_digest: str
+    table: InodeTable
+    counters: MountCounters = field(default_factory=MountCounters)
+
+    def root_inode(self) -> int:
+        return self.slot << _SLOT_SHIFT | ROOT
+
+
+class LazyFS(llfuse.Operations):
+    """llfuse operations over the layers of one worker (all read-only)."""
+
+    def __init__(self, reader: ChunkReader) -> None:
+        super().__init__()
+        self.reader = reader
+        self._layers: dict[int, Layer] = {}
+        self._by_name: dict[bytes, Layer] = {}
+        self._slots = itertools.count(1)
+        self._dir_handles: dict[int, list[tuple[bytes, int]]] = {}
+        self._handle_ids = itertools.count(1)
+        self._root_mtime_ns = time.time_ns()
+        # Layers never change, so the kernel may cache "no such name" too (st_ino 0).
+        self._negative = llfuse.EntryAttributes()
+        self._negative.st_ino = 0
+        self._negative.entry_timeout = CACHE_TIMEOUT
+
+    # -- layer management (callers hold llfuse.lock) -------------------------
+
+    def add_layer(self, mount_id: str, layer_digest: str, table: InodeTable) -> Layer:
+        name = mount_id.encode()
+        if name in self._by_name:
+            raise KeyError(f"layer directory {mount_id!r} already exists")
+        layer = Layer(next(self._slots), mount_id, layer_digest, table)
+        self._layers[layer.slot] = layer
+        self._by_name[name] = layer
+        return layer
+
+    def remove_layer(self, mount_id: str) -> Layer:
+        layer = self._by_name.pop(mount_id.encode())
+        del self._layers[layer.slot]
+        self.reader.lru.drop_layer(layer.layer_digest)
+        try:
+            llfuse.invalidate_entry(llfuse.ROOT_INODE, mount_id.encode())
+        except OSError as exc:  # not mounted yet/anymore: nothing cached to drop
+            log.debug("invalidate_entry(%s): %s", mount_id, exc)
+        return layer
+
+    # -- helpers ------------------------------------------------------------
+
+    def _resolve(self, ino: int) -> tuple[Layer, int]:
+        layer = self._layers.get(ino >> _SLOT_SHIFT)
+        local = ino & _LOCAL_MASK
+        if layer is None or not layer.table.valid(local):
+            raise llfuse.FUSEError(errno.ENOENT)
+        return layer, local
+
+    def _entry(self, ino: int) -> llfuse.EntryAttributes:
+        e = llfuse.EntryAttributes()
+        e.st_ino = ino
+        e.generation = 0
+        e.entry_timeout = CACHE_TIMEOUT
+        e.attr_timeout = CACHE_TIMEOUT
+        e.st_blksize = 4096
+        if ino == llfuse.ROOT_INODE:
+            e.st_mode = stat.S_IFDIR | 0o755
+            e.st_nlink = 2 + len(self._layers)
+            e.st_size = 4096
+            e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = self._root_mtime_ns
+            return e
+        layer, local = self._resolve(ino)
+        mode, uid, gid, nlink, size, mtime_ns, rdev = layer.table.raw_attr(local)
+        e.st_mode = mode
+        e.st_uid = uid
+        e.st_gid = gid
+        e.st_nlink = nlink
+        e.st_size = size
+        e.st_blocks = (size + 511) // 512
+        e.st_rdev = os.makedev(*InodeTable.rdev_numbers(rdev)) if rdev else 0
+        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = mtime_ns
+        return e
+
+    # -- lookups and attributes -----------------------------------------------
+
+    def lookup(self, parent_inode: int, name: bytes, ctx: llfuse.RequestContext) -> llfuse.EntryAttributes:
+        if parent_inode == llfuse.ROOT_INODE:
+            if name == b".." or name == b".":
+                return self._entry(llfuse.ROOT_INODE)
+            layer = self._by_name.get(name)
+            if layer is None:
+                raise llfuse.FUSEError(errno.ENOENT)
+            return self._entry(layer.root_inode())
+        layer, local = self._resolve(parent_inode)
+        base = parent_inode & ~_LOCAL_MASK
+        if name == b".":
+            return self._entry(parent_inode)
+        if name == b"..":
+            return self._entry(llfuse.ROOT_INODE if local == ROOT else base | layer.table.parent(local))
+        child = layer.table.lookup(local, name)
+        if child is None:
+            return self._negative
+        return self._entry(base | child)
+
+    def getattr(self, inode: int, ctx: llfuse.RequestContext) -> llfuse.EntryAttributes:
+        return self._entry(inode)
+
+    def readlink(self, inode: int, ctx: llfuse.RequestContext) -> bytes:
+        layer, local = self._resolve(inode)
+        target = layer.table.readlink(local)
+        if target is None:
+            raise llfuse.FUSEError(errno.EINVAL)
+        return target
+
+    def getxattr(self, inode: int, name: bytes, ctx: llfuse.RequestContext) -> bytes:
+        if inode == llfuse.ROOT_INODE:
+            raise llfuse.FUSEError(llfuse.ENOATTR)
+        layer, local = self._resolve(inode)
+        value = layer.table.xattrs(local).get(name)
+        if value is None:
+            raise llfuse.FUSEError(llfuse.ENOATTR)
+        return value
+
+    def listxattr(self, inode: int, ctx: llfuse.RequestContext) -> list[bytes]:
+        if inode == llfuse.ROOT_INODE:
+            return []
+        layer, local = self._resolve(inode)
+        return list(layer.table.xattrs(local))
+
+    def statfs(self, ctx: llfuse.RequestContext) -> llfuse.StatvfsData:
+        s = llfuse.StatvfsData()
+        s.f_bsize = s.f_frsize = 4096
+        s.f_blocks = sum((lay.table.total_size + 4095) // 4096 for lay in self._layers.values())
+        s.f_bfree = s.f_bavail = 0
+        s.f_files = 1 + sum(len(lay.table) for lay in self._layers.values())
+        s.f_ffree = s.f_favail = 0
+        s.f_namemax = 255
+        return s
+
+    # -- directories -----------------------------------------------------------
+
+    def opendir(self, inode: int, ctx: llfuse.RequestContext) -> int:
+        if inode == llfuse.ROOT_INODE:
+            entries = [(name, lay.root_inode()) for name, lay in self._by_name.items()]
+        else:
+            layer, local = self._resolve(inode)
+            if not layer.table.is_dir(local):
+                raise llfuse.FUSEError(errno.ENOTDIR)
+            base = inode & ~_LOCAL_MASK
+            entries = [(name, base | child) for name, child in layer.table.children(local)]
+        fh = next(self._handle_ids)
+        self._dir_handles[fh] = entries
+        return fh
+
+    def readdir(self, fh: int, off: int):  # type: ignore[no-untyped-def]  # generator of (name, attrs, next)
+        entries = self._dir_handles[fh]
+        for i in range(off, len(entries)):
+            name, ino = entries[i]
+            try:
+                attrs = self._entry(ino)
+            except llfuse.FUSEError:
+                continue  # a layer removed while listing the root
+            yield name, attrs, i + 1
+
+    def releasedir(self, fh: int) -> None:
+        self._dir_handles.pop(fh, None)
+
+    # -- files -----------------------------------------------------------------
+
+    def open(self, inode: int, flags: int, ctx: llfuse.RequestContext) -> int:
+        if flags & _WRITE_FLAGS:
+            raise llfuse.FUSEError(errno.EROFS)
+        layer, local = self._resolve(inode)
+        if not stat.S_ISREG(layer.table.raw_attr(local)[0]):
+            raise llfuse.FUSEError(errno.EINVAL)
+        return inode
+
+    def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+        layer, local = self._resolve(fh)
+        counters = layer.counters
+        try:
+            data = self.reader.read(layer.layer_digest, layer.table, local, off, size, counters)
+        except Exception as exc:  # noqa: BLE001 - any failure is EIO for this read only
+            counters.fetch_errors += 1
+            counters.last_error = str(exc)
+            log.warning("read of inode %d in %s at %d+%d failed: %s", local, layer.mount_id, off, size, exc)
+            raise llfuse.FUSEError(errno.EIO) from None
+        counters.reads += 1
+        counters.bytes_read += len(data)
+        return data
+
+    def flush(self, fh: int) -> None:
+        # ENOSYS once makes the kernel stop sending FLUSH on every close().
+        raise llfuse.FUSEError(errno.ENOSYS)
+
+    def release(self, fh: int) -> None:
+        return None
+
+    # -- everything that would write -------------------------------------------
+
+    def _readonly(self, *args: object) -> None:
+        raise llfuse.FUSEError(errno.EROFS)
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _readonly  # type: ignore[assignment]
+    create = write = setxattr = removexattr = _readonly  # type: ignore[assignment]

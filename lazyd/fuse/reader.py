@@ -1,0 +1,263 @@
+"""File reads of a worker: (layer, inode, offset, size) -> bytes via the chunk store.
+
+A read maps to chunks through the layer's inode table.  Each chunk comes from a
+small in-process LRU of decompressed chunks, else from the shared ``ChunkStore``,
+else the fetcher is asked (``fetch`` op) to fetch, verify and store it.  Misses
+are single-flight: concurrent reads of one missing chunk make one request.
+Blocking waits run inside ``unlocked()`` (``llfuse.lock_released`` in the
+filesystem) so other FUSE requests proceed meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+
+from lazyd.cache.store import ChunkKey, ChunkStore
+from lazyd.fuse.fetchconn import FetchError, FetcherConnection
+from lazyd.fuse.inodes import ChunkRef, InodeTable
+
+
+class ChunkUnavailable(Exception):
+    """A chunk could not be fetched, verified or read from the store."""
+
+
+@dataclass
+class MountCounters:
+    """Per-mount read statistics reported by ``worker.status``."""
+
+    reads: int = 0
+    bytes_read: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    fetch_errors: int = 0
+    last_error: str | None = None
+
+
+@dataclass
+class _Flight:
+    done: threading.Event = field(default_factory=threading.Event)
+    error: Exception | None = None
+    data: bytes | None = None
+
+
+# Chunks at least this big are read from the store with the llfuse lock released.
+_UNLOCK_SIZE = 256 * 1024
+# Only chunks bigger than one FUSE request (128 KiB) go to the LRU: a smaller one is
+# read whole by a single request and then lives in the kernel page cache.
+_LRU_MIN_SIZE = 128 * 1024
+# How far past a chunk loaded for a read the reader loads ahead from the store, and with how many threads.
+_READAHEAD_BYTES = 8 << 20
+_READAHEAD_THREADS = 2
+
+
+class ChunkLRU:
+    """Recently used decompressed chunks, bounded by total bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[ChunkKey, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: ChunkKey) -> bytes | None:
+        with self._lock:
+            data = self._items.get(key)
+            if data is not None:
+                self._items.move_to_end(key)
+            return data
+
+    def put(self, key: ChunkKey, data: bytes) -> None:
+        if len(data) > self.max_bytes:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= len(old)
+            self._items[key] = data
+            self._bytes += len(data)
+            while self._bytes > self.max_bytes:
+                _, evicted = self._items.popitem(last=False)
+                self._bytes -= len(evicted)
+
+    def drop_layer(self, layer: str) -> None:
+        with self._lock:
+            for key in [k for k in self._items if k.layer == layer]:
+                self._bytes -= len(self._items.pop(key))
+
+
+class ChunkReader:
+    """Reads file bytes of mounted layers from the chunk store, fetching misses.
+
+    Sequential reads are pipelined: loading a chunk of a file from the store also
+    loads the file's next ``_READAHEAD_BYTES`` of chunks into the LRU in the
+    background (from the store only; network prefetch is the fetcher's job).
+    """
+
+    def __init__(self, store: ChunkStore, fetcher: FetcherConnection, lru_bytes: int = 64 << 20,
+                 unlocked: Callable[[], AbstractContextManager[object]] = contextlib.nullcontext,
+                 readahead: bool = True) -> None:
+        self.store = store
+        self.fetcher = fetcher
+        self.lru = ChunkLRU(lru_bytes)
+        self._unlocked = unlocked
+        self._flights: dict[ChunkKey, _Flight] = {}
+        self._flights_lock = threading.Lock()
+        self._loads: dict[ChunkKey, _Flight] = {}
+        self._loads_lock = threading.Lock()
+        self._readahead: ThreadPoolExecutor | None = None
+        if readahead:
+            self._readahead = ThreadPoolExecutor(max_workers=_READAHEAD_THREADS, thread_name_prefix="chunk-readahead")
+        self._prefetched: set[ChunkKey] = set()
+
+    def close(self) -> None:
+        if self._readahead is not None:
+            self._readahead.shutdown(wait=True, cancel_futures=True)
+
+    def read(self, layer: str, table: InodeTable, ino: int, offset: int, size: int,
+             counters: MountCounters) -> bytes | memoryview:
+        """``size`` bytes of file ``ino`` from ``offset`` (fewer at end of file)."""
+        file_size = table.raw_attr(ino)[4]
+        size = min(size, file_size - offset)
+        if size <= 0:
+            return b""
+        refs = table.chunks(ino, offset, size)
+        datas = self._chunks(layer, table, ino, refs, counters)
+        end = offset + size
+        parts = []
+        for ref, data in zip(refs, datas):
+            lo = max(offset, ref.file_offset) - ref.file_offset
+            hi = min(end, ref.file_offset + ref.size) - ref.file_offset
+            parts.append(memoryview(data)[lo:hi])
+        out = parts[0] if len(parts) == 1 else b"".join(parts)
+        if len(out) != size:
+            raise ChunkUnavailable(f"file inode {ino} of {layer}: chunks cover {len(out)} of {size} bytes at {offset}")
+        return out
+
+    def _chunks(self, layer: str, table: InodeTable, ino: int, refs: list[ChunkRef],
+                counters: MountCounters) -> list[bytes]:
+        keys = [ChunkKey(layer, r.blob_offset, r.inner_offset) for r in refs]
+        found: dict[ChunkKey, bytes] = {}
+        missing: list[ChunkKey] = []
+        loaded = False
+        for key, ref in zip(keys, refs):
+            data = self.lru.get(key)
+            if data is not None:
+                if key in self._prefetched:
+                    self._prefetched.discard(key)
+                    loaded = True
+            else:
+                data = self._load(key, ref)
+                loaded = data is not None
+            if data is None:
+                missing.append(key)
+                counters.cache_misses += 1
+            else:
+                found[key] = data
+                counters.cache_hits += 1
+        if missing:
+            with self._unlocked():
+                self._fetch(layer, missing)
+            for key, ref in zip(keys, refs):
+                if key not in found:
+                    data = self._load(key, ref)
+                    if data is None:
+                        raise ChunkUnavailable(f"chunk at blob offset {key.blob_offset} of {layer} is not in the "
+                                               "chunk store after the fetcher stored it (evicted?)")
+                    found[key] = data
+        if loaded and self._readahead is not None:
+            last = refs[-1]
+            for ref in table.chunks(ino, last.file_offset + last.size, _READAHEAD_BYTES):
+                key = ChunkKey(layer, ref.blob_offset, ref.inner_offset)
+                if self.lru.get(key) is None and key not in self._loads:
+                    self._readahead.submit(self._load_ahead, key, ref)
+        return [found[k] for k in keys]
+
+    def _load_ahead(self, key: ChunkKey, ref: ChunkRef) -> None:
+        try:
+            if self._load(key, ref, background=True) is not None:
+                if len(self._prefetched) > 4096:
+                    self._prefetched.clear()  # keys evicted before anyone read them
+                self._prefetched.add(key)
+        except Exception:  # noqa: BLE001 - readahead is best effort; the real read reports errors
+            pass
+
+    def _load(self, key: ChunkKey, ref: ChunkRef, background: bool = False) -> bytes | None:
+        """The chunk from the store into the LRU (single-flight), or None when it is not stored."""
+        with self._loads_lock:
+            flight = self._loads.get(key)
+            mine = flight is None
+            if mine:
+                flight = self._loads[key] = _Flight()
+        if mine:
+            data: bytes | None = None
+            try:
+                if background or ref.size < _UNLOCK_SIZE:
+                    data = self._from_store(key, ref)
+                else:
+                    with self._unlocked():
+                        data = self._from_store(key, ref)
+            except Exception as exc:
+                flight.error = exc
+                raise
+            finally:
+                with self._loads_lock:
+                    self._loads.pop(key, None)
+                    flight.data = data
+                flight.done.set()
+            return data
+        if not background:
+            with self._unlocked():
+                flight.done.wait(60)
+        if flight.error is not None:
+            raise ChunkUnavailable(f"loading chunk at {key.blob_offset} of {key.layer}: {flight.error}")
+        return flight.data
+
+    def _from_store(self, key: ChunkKey, ref: ChunkRef) -> bytes | None:
+        data = self.store.get(key)
+        if data is None:
+            return None
+        if len(data) != ref.size:
+            raise ChunkUnavailable(f"stored chunk at blob offset {key.blob_offset} of {key.layer} has "
+                                   f"{len(data)} bytes, the TOC says {ref.size}")
+        if len(data) > _LRU_MIN_SIZE:
+            self.lru.put(key, data)
+        return data
+    def _fetch(self, layer: str, keys: list[ChunkKey]) -> None:
+        """Have the fetcher store ``keys``; one request per chunk across concurrent callers."""
+        mine: list[tuple[ChunkKey, _Flight]] = []
+        theirs: list[_Flight] = []
+        with self._flights_lock:
+            for key in dict.fromkeys(keys):
+                flight = self._flights.get(key)
+                if flight is None:
+                    flight = self._flights[key] = _Flight()
+                    mine.append((key, flight))
+                else:
+                    theirs.append(flight)
+        error: Exception | None = None
+        if mine:
+            try:
+                self.fetcher.fetch(layer, [(k.blob_offset, k.inner_offset) for k, _ in mine])
+            except FetchError as exc:
+                error = exc
+            except Exception as exc:  # noqa: BLE001 - any failure must reach the waiters
+                error = exc
+            with self._flights_lock:
+                for key, flight in mine:
+                    self._flights.pop(key, None)
+                    flight.error = error
+                    flight.done.set()
+        if error is not None:
+            raise ChunkUnavailable(f"fetching chunks of {layer} failed: {error}") from error
+        for flight in theirs:
+            # The owner waits at most the fetch timeout; allow a little slack on top.
+            if not flight.done.wait(self.fetcher.timeout + 5):
+                raise ChunkUnavailable(f"timed out waiting for another read's fetch of a chunk of {layer}")
+            if flight.error is not None:
+                raise ChunkUnavailable(f"fetching chunks of {layer} failed: {flight.error}") from flight.error
