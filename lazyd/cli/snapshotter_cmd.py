@@ -1,9 +1,77 @@
-"""Commands registered by this module (being written; see docs/design.md for the owner)."""
+"""``lazyd snapshotter``: run the containerd proxy snapshotter (see docs/containerd.md)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from lazyd.configfile import ConfigError
+from lazyd.snapshotter.config import LOG_LEVELS, SnapshotterConfig, load_config
+
+DEFAULT_CONFIG = Path("/etc/lazyd/config.toml")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
-    """Add this module's commands to sub."""
+    """Add ``snapshotter``."""
+    p = sub.add_parser("snapshotter", help="run the containerd proxy snapshotter",
+                       description="Serve containerd's snapshot API on a Unix socket (mode 0600). "
+                                   "Layers with remote-snapshot labels are mounted lazily by 'lazyd serve'; "
+                                   "anything else is a normal overlayfs snapshot.")
+    p.add_argument("--config", help=f"TOML file with a [snapshotter] table (default {DEFAULT_CONFIG} if it exists)")
+    p.add_argument("--root", help="state directory (default /var/lib/lazyd/snapshotter)")
+    p.add_argument("--address", help="gRPC socket for containerd (default /run/lazyd/snapshotter.sock)")
+    p.add_argument("--lazyd-socket", help="lazyd API socket (default /run/lazyd/lazyd.sock)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, help="overrides log_level")
+    p.set_defaults(func=run)
+
+
+def _abs(path: str | None) -> Path | None:
+    return Path(os.path.abspath(path)) if path is not None else None
+
+
+def build_config(args: argparse.Namespace) -> SnapshotterConfig:
+    """The file's [snapshotter] table with the command-line flags on top."""
+    path = args.config if args.config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    return load_config(path).with_overrides(root=_abs(args.root), address=_abs(args.address),
+                                            lazyd_socket=_abs(args.lazyd_socket), log_level=args.log_level)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = build_config(args)
+    except ConfigError as exc:
+        print(f"lazyd snapshotter: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s lazyd-snapshotter %(levelname)s: %(message)s")
+    from lazyd.snapshotter.service import SocketError, serve
+    from lazyd.snapshotter.snapshotter import Snapshotter
+
+    log = logging.getLogger("lazyd.snapshotter")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    snapshotter = Snapshotter(config)
+    try:
+        restored = snapshotter.restore()
+        if restored:
+            log.info("re-mounted %d remote snapshot(s)", restored)
+        try:
+            server = serve(snapshotter, config.address, config.grpc_workers)
+        except SocketError as exc:
+            print(f"lazyd snapshotter: {exc}", file=sys.stderr)
+            return 1
+        log.info("serving containerd snapshots on %s (root %s, lazyd at %s)", config.address, config.root,
+                 config.lazyd_socket)
+        stop.wait()
+        log.info("stopping")
+        server.stop(grace=2).wait()
+        config.address.unlink(missing_ok=True)
+    finally:
+        snapshotter.close()
+    return 0

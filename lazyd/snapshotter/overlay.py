@@ -1,0 +1,133 @@
+"""Snapshot directories and mounts, built like containerd's snapshots/overlay.
+
+``<root>/snapshots/<id>/fs`` is a snapshot's upper (or, for a remote layer, lazyd's
+mountpoint); ``<root>/snapshots/<id>/work`` is overlayfs's workdir for active ones.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lazyd.snapshotter.metadata import Kind
+
+OVERLAY_INDEX_PARAM = Path("/sys/module/overlay/parameters/index")
+
+
+@dataclass(frozen=True)
+class Mount:
+    """A mount for containerd (``containerd.types.Mount``)."""
+
+    type: str
+    source: str
+    options: list[str] = field(default_factory=list)
+
+
+class Layout:
+    """Paths under the snapshotter root."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.snapshots = root / "snapshots"
+        self.snapshots.mkdir(parents=True, exist_ok=True)
+        os.chmod(root, 0o700)
+        self.overlay_options = ["index=off"] if OVERLAY_INDEX_PARAM.exists() else []
+
+    def dir(self, sid: int) -> Path:
+        return self.snapshots / str(sid)
+
+    def upper(self, sid: int) -> Path:
+        return self.dir(sid) / "fs"
+
+    def work(self, sid: int) -> Path:
+        return self.dir(sid) / "work"
+
+    def create_dirs(self, sid: int, kind: Kind, parent_ids: list[int]) -> Path:
+        """Make ``snapshots/<id>/fs`` (and ``work`` for active), owned like the parent's fs."""
+        tmp = Path(tempfile.mkdtemp(prefix="new-", dir=self.snapshots))
+        try:
+            (tmp / "fs").mkdir(mode=0o755)
+            if kind == Kind.ACTIVE:
+                (tmp / "work").mkdir(mode=0o711)
+            if parent_ids:
+                st = os.stat(self.upper(parent_ids[0]))
+                os.lchown(tmp / "fs", st.st_uid, st.st_gid)
+            os.chmod(tmp, 0o755)
+            tmp.rename(self.dir(sid))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return self.dir(sid)
+
+    def mounts(self, sid: int, kind: Kind, parent_ids: list[int]) -> list[Mount]:
+        """containerd overlay's mounts(): bind for no/one read-only layer, else overlay."""
+        if not parent_ids:
+            return [Mount("bind", str(self.upper(sid)), ["ro" if kind == Kind.VIEW else "rw", "rbind"])]
+        options: list[str] = []
+        if kind == Kind.ACTIVE:
+            options += [f"workdir={self.work(sid)}", f"upperdir={self.upper(sid)}"]
+        elif len(parent_ids) == 1:
+            return [Mount("bind", str(self.upper(parent_ids[0])), ["ro", "rbind"])]
+        options.append("lowerdir=" + ":".join(str(self.upper(p)) for p in parent_ids))
+        options += self.overlay_options
+        return [Mount("overlay", "overlay", options)]
+
+    def remove_dir(self, sid: int) -> None:
+        """Unmount anything left below ``snapshots/<id>`` and delete it."""
+        path = self.dir(sid)
+        unmount_below(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+    def orphan_dirs(self, known: set[int]) -> list[Path]:
+        """Directories under ``snapshots/`` with no metadata row (left by crashes or removals)."""
+        out = []
+        for entry in self.snapshots.iterdir():
+            if not entry.name.isdigit() or int(entry.name) not in known:
+                out.append(entry)
+        return out
+
+
+def usage(path: Path) -> tuple[int, int]:
+    """(bytes, inodes) used by ``path`` and everything below it, hard links once (containerd's fs.DiskUsage)."""
+    seen: set[tuple[int, int]] = set()
+    size = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        names = [*dirnames, *filenames] if dirpath != str(path) else ["", *dirnames, *filenames]
+        for name in names:
+            try:
+                st = os.lstat(os.path.join(dirpath, name) if name else dirpath)
+            except FileNotFoundError:
+                continue
+            ino = (st.st_dev, st.st_ino)
+            if ino in seen:
+                continue
+            seen.add(ino)
+            size += st.st_blocks * 512
+    return size, len(seen)
+
+
+def mountpoints_below(path: Path) -> list[str]:
+    """Mount points at or below ``path``, deepest first."""
+    prefix = str(path.resolve())
+    with open("/proc/self/mountinfo") as f:
+        points = {_unescape(line.split()[4]) for line in f}
+    inside = [p for p in points if p == prefix or p.startswith(prefix + "/")]
+    return sorted(inside, key=len, reverse=True)
+
+
+def is_mountpoint(path: Path) -> bool:
+    return str(path.resolve()) in mountpoints_below(path)
+
+
+def unmount_below(path: Path) -> None:
+    """Lazily unmount every mount at or below ``path``."""
+    for point in mountpoints_below(path):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+
+
+def _unescape(field_: str) -> str:
+    return field_.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
