@@ -1,13 +1,11 @@
-"""``lazyd``: the daemon entry points (``lazyd serve``, ``lazyd snapshotter``).
-
-Each entry point lives in its own module exposing ``register(subparsers)``.
-"""
+"""``lazyd``: the daemon entry points (``lazyd serve``, ``lazyd snapshotter``)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+
+from lazyd.cli.registry import build_parser as _build, run
 
 _COMMAND_MODULES = (
     "lazyd.cli.serve_cmd",        # lazyd serve
@@ -16,21 +14,11 @@ _COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lazyd", description="Lazy-pulling image daemon.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    for name in _COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
-    return parser
+    return _build("lazyd", "Lazy-pulling image daemon.", _COMMAND_MODULES)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        return 130
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":
