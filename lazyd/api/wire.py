@@ -44,8 +44,7 @@ def decode_body(body: bytes) -> dict[str, Any]:
             body,
             raw=False,
             strict_map_key=True,
-            max_buffer_size=MAX_FRAME,
-        )
+        )  # the length prefix already bounds the body to MAX_FRAME
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(f"frame is not valid msgpack: {exc}") from exc
     if not isinstance(message, dict):

@@ -1,9 +1,44 @@
-"""Commands registered by this module (being written; see docs/design.md for the owner)."""
+"""``lazyd serve``: run the fetcher daemon (see docs/config.md and docs/protocol.md)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import os
+import sys
+
+from lazyd.config import LOG_LEVELS, load_config
+from lazyd.configfile import ConfigError
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
-    """Add this module's commands to sub."""
+    """Add ``serve``."""
+    p = sub.add_parser("serve", help="run the lazy-pulling daemon",
+                       description="Run the fetcher daemon. SIGTERM/SIGINT stop it WITHOUT unmounting "
+                                   "(workers keep serving; the next 'lazyd serve' adopts them); "
+                                   "'lazyctl shutdown' is the clean stop that unmounts.")
+    p.add_argument("--config", help="config file (default /etc/lazyd/config.toml if it exists)")
+    p.add_argument("--root", help="state directory (overrides 'root')")
+    p.add_argument("--socket", help="API socket path (overrides 'socket')")
+    p.add_argument("--hosts-dir", help="containerd-style certs.d directory (overrides registry.hosts_dir)")
+    p.add_argument("--log-level", choices=LOG_LEVELS, help="overrides 'log_level'")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config, {"root": _abs(args.root), "socket": _abs(args.socket), "hosts_dir": args.hosts_dir,
+                                           "log_level": args.log_level})
+    except ConfigError as exc:
+        print(f"lazyd serve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s lazyd %(levelname)s %(name)s: %(message)s")
+    from lazyd.fetcher.daemon import Daemon
+
+    return asyncio.run(Daemon(config).run())
+
+
+def _abs(path: str | None) -> str | None:
+    return os.path.abspath(path) if path is not None else None

@@ -1,0 +1,478 @@
+"""Typed messages of the lazyd msgpack API (the source of truth for docs/protocol.md).
+
+Every op has an ``*Args`` dataclass (validated with ``from_args``) and a result
+dataclass (``to_dict`` gives the wire form).  Validation checks types, sizes and
+formats and raises ``ApiError("invalid_request", ...)`` naming the bad field, so
+a hostile message never reaches a handler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+# -- error codes ---------------------------------------------------------------
+
+INVALID_REQUEST = "invalid_request"
+UNKNOWN_OP = "unknown_op"
+NOT_FOUND = "not_found"
+ALREADY_EXISTS = "already_exists"
+NOT_ESTARGZ = "not_estargz"
+UNAUTHORIZED = "unauthorized"
+UNREACHABLE = "unreachable"
+DIGEST_MISMATCH = "digest_mismatch"
+FETCH_FAILED = "fetch_failed"
+TIMEOUT = "timeout"
+UNAVAILABLE = "unavailable"
+INTERNAL = "internal"
+
+ERROR_CODES = frozenset(
+    {
+        INVALID_REQUEST, UNKNOWN_OP, NOT_FOUND, ALREADY_EXISTS, NOT_ESTARGZ, UNAUTHORIZED,
+        UNREACHABLE, DIGEST_MISMATCH, FETCH_FAILED, TIMEOUT, UNAVAILABLE, INTERNAL,
+    }
+)
+
+
+class ApiError(Exception):
+    """An error with a protocol error code; the server sends it as ``{code, message}``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code if code in ERROR_CODES else INTERNAL
+        self.message = message
+
+
+# -- limits --------------------------------------------------------------------
+
+MAX_PATH = 4096
+MAX_REF = 1024
+MAX_TEXT = 4096
+MAX_ID = 128
+MAX_FETCH_CHUNKS = 4096
+MAX_LIST = 100_000
+DIGEST_RE = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,256}$")
+MOUNT_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+PRIORITIES = ("demand", "prefetch", "background")
+CACHE_ACTIONS = ("stats", "evict")
+MOUNT_STATES = ("mounting", "ready", "broken", "error")
+
+
+def _f(default: Any = dataclasses.MISSING, **meta: Any) -> Any:
+    """A dataclass field with validation metadata (max_len, pattern, choices, min, max, max_items)."""
+    if default is dataclasses.MISSING:
+        return field(metadata=meta)
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+T = TypeVar("T", bound="Message")
+
+
+def _check_meta(value: Any, meta: dict[str, Any], name: str) -> None:
+    if isinstance(value, str):
+        limit = meta.get("max_len", MAX_TEXT)
+        if len(value) > limit:
+            raise ApiError(INVALID_REQUEST, f"{name}: string of {len(value)} characters exceeds {limit}")
+        pattern = meta.get("pattern")
+        if pattern is not None and not pattern.match(value):
+            raise ApiError(INVALID_REQUEST, f"{name}: {value[:80]!r} is not a valid {meta.get('what', 'value')}")
+        if meta.get("absolute") and not value.startswith("/"):
+            raise ApiError(INVALID_REQUEST, f"{name}: {value[:80]!r} is not an absolute path")
+        if meta.get("absolute") and "\0" in value:
+            raise ApiError(INVALID_REQUEST, f"{name}: path contains a NUL byte")
+    choices = meta.get("choices")
+    if choices is not None and value is not None and value not in choices:
+        raise ApiError(INVALID_REQUEST, f"{name}: {value!r} is not one of {', '.join(map(str, choices))}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "min" in meta and value < meta["min"]:
+            raise ApiError(INVALID_REQUEST, f"{name}: {value} is below the minimum {meta['min']}")
+        if "max" in meta and value > meta["max"]:
+            raise ApiError(INVALID_REQUEST, f"{name}: {value} is above the maximum {meta['max']}")
+    if isinstance(value, list):
+        limit = meta.get("max_items", MAX_LIST)
+        if len(value) > limit:
+            raise ApiError(INVALID_REQUEST, f"{name}: {len(value)} items exceed the limit of {limit}")
+        if len(value) < meta.get("min_items", 0):
+            raise ApiError(INVALID_REQUEST, f"{name}: needs at least {meta['min_items']} items")
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise ApiError(INVALID_REQUEST, f"{name}: must not be null")
+        last: ApiError | None = None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, name)
+            except ApiError as exc:
+                last = exc
+        assert last is not None
+        raise last
+    if tp is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ApiError(INVALID_REQUEST, f"{name}: expected a list, got {type(value).__name__}")
+        if len(value) > MAX_LIST:
+            raise ApiError(INVALID_REQUEST, f"{name}: {len(value)} items exceed the limit of {MAX_LIST}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        item_tps = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(item_tps):
+            raise ApiError(INVALID_REQUEST, f"{name}: expected a list of {len(item_tps)} items")
+        return tuple(_coerce(v, t, f"{name}[{i}]") for i, (v, t) in enumerate(zip(value, item_tps)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ApiError(INVALID_REQUEST, f"{name}: expected a map, got {type(value).__name__}")
+        return dict(value)
+    if isinstance(tp, type) and issubclass(tp, Message):
+        return tp.from_args(value, prefix=f"{name}.")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ApiError(INVALID_REQUEST, f"{name}: expected true or false, got {type(value).__name__}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ApiError(INVALID_REQUEST, f"{name}: expected an integer, got {type(value).__name__}")
+        if not -(2**63) <= value < 2**64:
+            raise ApiError(INVALID_REQUEST, f"{name}: integer out of range")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ApiError(INVALID_REQUEST, f"{name}: expected a number, got {type(value).__name__}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ApiError(INVALID_REQUEST, f"{name}: expected a string, got {type(value).__name__}")
+        return value
+    raise ApiError(INTERNAL, f"{name}: unsupported message field type {tp!r}")
+
+
+class Message:
+    """Base of every args/result dataclass: validated parsing and wire encoding."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            _check_meta(getattr(self, f.name), dict(f.metadata), f.name)
+
+    @classmethod
+    def from_args(cls: type[T], args: Any, prefix: str = "") -> T:
+        """Build from a decoded msgpack map; unknown keys, wrong types and bad sizes raise ApiError."""
+        if args is None:
+            args = {}
+        if not isinstance(args, dict):
+            raise ApiError(INVALID_REQUEST, f"{prefix.rstrip('.') or 'args'}: expected a map, got {type(args).__name__}")
+        hints = typing.get_type_hints(cls)
+        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = [k for k in args if k not in fields]
+        if unknown:
+            raise ApiError(INVALID_REQUEST, f"unknown field {prefix}{str(unknown[0])[:80]!r} for {cls.__name__}")
+        values: dict[str, Any] = {}
+        for name, f in fields.items():
+            if name not in args:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise ApiError(INVALID_REQUEST, f"missing field {prefix}{name}")
+                continue
+            value = _coerce(args[name], hints[name], f"{prefix}{name}")
+            _check_meta(value, dict(f.metadata), f"{prefix}{name}")
+            values[name] = value
+        try:
+            return cls(**values)
+        except ApiError as exc:
+            raise ApiError(exc.code, f"{prefix}{exc.message}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The wire form (lists for tuples, maps for nested messages)."""
+        return _plain(dataclasses.asdict(self))  # type: ignore[call-overload]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+_DIGEST = {"pattern": DIGEST_RE, "what": "digest (algorithm:hex)", "max_len": 300}
+_PATH = {"absolute": True, "max_len": MAX_PATH}
+
+
+@dataclass(frozen=True)
+class Empty(Message):
+    """No fields (args of status/mounts/shutdown ops; result of several ops)."""
+
+
+# -- worker contract: fetch (worker -> fetcher) ------------------------------------
+
+
+@dataclass(frozen=True)
+class FetchArgs(Message):
+    """``fetch``: store the listed chunks of a layer in the ChunkStore, verified."""
+
+    layer_digest: str = _f(**_DIGEST)
+    chunks: list[tuple[int, int]] = _f(min_items=1, max_items=MAX_FETCH_CHUNKS)
+    priority: str = _f("demand", choices=PRIORITIES)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for i, (blob_offset, inner_offset) in enumerate(self.chunks):
+            if blob_offset < 0 or inner_offset < 0:
+                raise ApiError(INVALID_REQUEST, f"chunks[{i}]: offsets must not be negative")
+
+
+# -- worker contract: control ops (fetcher -> worker) ------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerMountArgs(Message):
+    """``worker.mount``: serve a layer whose verified TOC is in ``toc_path``."""
+
+    mount_id: str = _f(pattern=MOUNT_ID_RE, what="mount id", max_len=MAX_ID)
+    mountpoint: str = _f(**_PATH)
+    layer_digest: str = _f(**_DIGEST)
+    toc_digest: str = _f(**_DIGEST)
+    toc_path: str = _f(**_PATH)
+    blob_size: int = _f(min=0)
+
+
+@dataclass(frozen=True)
+class WorkerMountResult(Message):
+    fuse_path: str = _f(max_len=MAX_PATH)
+
+
+@dataclass(frozen=True)
+class WorkerUnmountArgs(Message):
+    """``worker.unmount``: unmount the bind mount and drop the layer."""
+
+    mount_id: str = _f(pattern=MOUNT_ID_RE, what="mount id", max_len=MAX_ID)
+
+
+@dataclass(frozen=True)
+class WorkerMountStatus(Message):
+    mount_id: str
+    mountpoint: str
+    layer_digest: str
+    toc_digest: str
+    blob_size: int
+    reads: int = 0
+    bytes_read: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    fetch_errors: int = 0
+    last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class WorkerStatusResult(Message):
+    """``worker.status`` result."""
+
+    pid: int
+    worker_id: int
+    fuse_root: str
+    fetcher_connected: bool
+    mounts: list[WorkerMountStatus] = _f([])
+
+
+# -- main ops (clients -> fetcher) ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MountArgs(Message):
+    """``mount``: lazily mount one eStargz layer of ``ref`` at ``mountpoint``.
+
+    ``toc_digest`` defaults to the layer's ``containerd.io/snapshot/stargz/toc.digest``
+    manifest annotation; ``prefetch_wait`` (default: the daemon's setting) makes the
+    reply wait up to ``prefetch_timeout`` for the prefetch region.
+    """
+
+    ref: str = _f(max_len=MAX_REF)
+    layer_digest: str = _f(**_DIGEST)
+    mountpoint: str = _f(**_PATH)
+    toc_digest: str | None = _f(None, **_DIGEST)
+    prefetch_wait: bool | None = None
+
+
+@dataclass(frozen=True)
+class MountResult(Message):
+    mount_id: str
+    toc_digest: str
+    layer_size: int
+    worker_pid: int
+
+
+@dataclass(frozen=True)
+class UnmountArgs(Message):
+    mountpoint: str = _f(**_PATH)
+
+
+@dataclass(frozen=True)
+class CheckArgs(Message):
+    mountpoint: str = _f(**_PATH)
+
+
+@dataclass(frozen=True)
+class CheckResult(Message):
+    """``check``: is the mount served by a live worker, and is its registry reachable?"""
+
+    served: bool
+    registry_reachable: bool
+    state: str
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class LayerStats(Message):
+    """Per-layer fetch counters kept by the fetcher."""
+
+    layer_size: int = 0
+    fetched_bytes: int = 0
+    cached_bytes: int = 0
+    demand_bytes: int = 0
+    prefetch_bytes: int = 0
+    background_bytes: int = 0
+    registry_requests: int = 0
+    in_flight: int = 0
+    verify_errors: int = 0
+    prefetch_state: str = "none"
+    background_state: str = "none"
+    last_error: str | None = None
+
+
+@dataclass(frozen=True)
+class MountInfo(Message):
+    """One mount as shown by ``mounts`` and ``status``."""
+
+    mount_id: str
+    ref: str
+    layer_digest: str
+    toc_digest: str
+    mountpoint: str
+    state: str
+    worker_id: int
+    worker_pid: int
+    layer: LayerStats
+    reads: int = 0
+    bytes_read: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    fetch_errors: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class MountsResult(Message):
+    mounts: list[MountInfo] = _f([])
+
+
+@dataclass(frozen=True)
+class WorkerInfo(Message):
+    worker_id: int
+    pid: int
+    state: str
+    mounts: int
+    restarts: int = 0
+
+
+@dataclass(frozen=True)
+class CacheStats(Message):
+    size: int
+    limit: int
+    count: int
+    directory: str
+    evicted: int | None = None
+
+
+@dataclass(frozen=True)
+class Totals(Message):
+    """Daemon-wide counters."""
+
+    registry_requests: int = 0
+    registry_bytes: int = 0
+    in_flight: int = 0
+    fetched_bytes: int = 0
+    demand_bytes: int = 0
+    prefetch_bytes: int = 0
+    background_bytes: int = 0
+    fetch_requests: int = 0
+    verify_errors: int = 0
+    fallbacks: int = 0
+
+
+@dataclass(frozen=True)
+class FallbackInfo(Message):
+    ref: str
+    layer_digest: str
+    reason: str
+    time: float
+
+
+@dataclass(frozen=True)
+class StatusResult(Message):
+    """``status``: the whole daemon."""
+
+    pid: int
+    version: str
+    root: str
+    socket: str
+    started_at: float
+    mounts: list[MountInfo]
+    workers: list[WorkerInfo]
+    cache: CacheStats
+    totals: Totals
+    fallbacks: list[FallbackInfo] = _f([])
+
+
+@dataclass(frozen=True)
+class CacheArgs(Message):
+    """``cache``: ``stats``, or ``evict`` one layer (``layer_digest``) or everything."""
+
+    action: str = _f(choices=CACHE_ACTIONS)
+    layer_digest: str | None = _f(None, **_DIGEST)
+
+
+@dataclass(frozen=True)
+class FallbackArgs(Message):
+    """``fallback``: the snapshotter could not mount a layer lazily and pulled it instead."""
+
+    ref: str = _f(max_len=MAX_REF)
+    layer_digest: str = _f(**_DIGEST)
+    reason: str = _f(max_len=MAX_TEXT)
+
+
+OPS: dict[str, tuple[type[Message], type[Message]]] = {
+    "fetch": (FetchArgs, Empty),
+    "mount": (MountArgs, MountResult),
+    "unmount": (UnmountArgs, Empty),
+    "check": (CheckArgs, CheckResult),
+    "status": (Empty, StatusResult),
+    "mounts": (Empty, MountsResult),
+    "cache": (CacheArgs, CacheStats),
+    "fallback": (FallbackArgs, Empty),
+    "shutdown": (Empty, Empty),
+}
+"""Main-socket ops: name -> (args class, result class)."""
+
+WORKER_OPS: dict[str, tuple[type[Message], type[Message]]] = {
+    "worker.mount": (WorkerMountArgs, WorkerMountResult),
+    "worker.unmount": (WorkerUnmountArgs, Empty),
+    "worker.status": (Empty, WorkerStatusResult),
+    "worker.shutdown": (Empty, Empty),
+}
+"""Worker control-socket ops: name -> (args class, result class)."""
+
+ANNOTATION_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
+ANNOTATION_UNCOMPRESSED_SIZE = "io.containers.estargz.uncompressed-size"

@@ -1,0 +1,119 @@
+"""Settings of ``lazyd serve`` (docs/config.md lists every key with its default)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from lazyd.configfile import ConfigError, load_dataclass, read_toml
+from lazyd.registry import RegistryConfig
+
+DEFAULT_CONFIG = Path("/etc/lazyd/config.toml")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """The daemon's settings; ``[registry]`` holds the registry client's."""
+
+    root: str = "/var/lib/lazyd"
+    """State directory: chunk cache, layer metadata, worker state."""
+
+    socket: str = "/run/lazyd/lazyd.sock"
+    """API socket (created mode 0600)."""
+
+    workers: int = 2
+    """Number of FUSE worker processes; mounts are spread over them."""
+
+    cache_size: int = 10 * 1024**3
+    """Chunk cache cap in bytes; least-recently-used chunks are evicted above it."""
+
+    prefetch: bool = True
+    """On mount, fetch everything before ``.prefetch.landmark`` in one request."""
+
+    prefetch_wait: bool = True
+    """Default for a mount's ``prefetch_wait``: the mount reply waits for the prefetch."""
+
+    prefetch_timeout: float = 10.0
+    """Longest a mount waits for its prefetch (the prefetch itself continues)."""
+
+    background_fetch: bool = True
+    """After the prefetch, fetch the rest of each layer at the lowest priority."""
+
+    background_batch_size: int = 4 * 1024 * 1024
+    """Compressed bytes per background range request."""
+
+    max_range_size: int = 16 * 1024 * 1024
+    """Largest coalesced range of adjacent chunks in one request."""
+
+    max_concurrent_requests: int = 8
+    """Registry requests in flight at once (demand first, then prefetch, then background)."""
+
+    fetch_timeout: float = 30.0
+    """Longest a worker's read waits for the fetcher before it fails with EIO."""
+
+    mount_timeout: float = 60.0
+    """Longest a mount waits for the layer's footer and TOC."""
+
+    worker_start_timeout: float = 20.0
+    """Longest a new worker may take to write its worker.json."""
+
+    health_interval: float = 0.5
+    """Seconds between worker liveness checks."""
+
+    log_level: str = "info"
+    """debug, info, warning or error."""
+
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    """The ``[registry]`` table (see docs/config.md)."""
+
+    snapshotter: dict[str, Any] = field(default_factory=dict)
+    """The ``[snapshotter]`` table of the shared file; ``lazyd snapshotter`` validates it."""
+
+    def __post_init__(self) -> None:
+        checks: list[tuple[str, bool, str]] = [
+            ("workers", 1 <= self.workers <= 64, "must be between 1 and 64"),
+            ("cache_size", self.cache_size >= 1024 * 1024, "must be at least 1048576 bytes"),
+            ("prefetch_timeout", self.prefetch_timeout >= 0, "must not be negative"),
+            ("background_batch_size", self.background_batch_size >= 4096, "must be at least 4096"),
+            ("max_range_size", self.max_range_size >= 4096, "must be at least 4096"),
+            ("max_concurrent_requests", self.max_concurrent_requests >= 1, "must be at least 1"),
+            ("fetch_timeout", self.fetch_timeout > 0, "must be positive"),
+            ("mount_timeout", self.mount_timeout > 0, "must be positive"),
+            ("worker_start_timeout", self.worker_start_timeout > 0, "must be positive"),
+            ("health_interval", self.health_interval > 0, "must be positive"),
+            ("log_level", self.log_level in LOG_LEVELS, f"must be one of {', '.join(LOG_LEVELS)}"),
+            ("root", self.root.startswith("/"), "must be an absolute path"),
+            ("socket", self.socket.startswith("/"), "must be an absolute path"),
+        ]
+        for key, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"config key {key}: {getattr(self, key)!r} {why}")
+
+    @property
+    def root_path(self) -> Path:
+        return Path(self.root)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> DaemonConfig:
+    """Read the config file (``path``, else /etc/lazyd/config.toml if present) and apply overrides.
+
+    ``overrides`` maps top-level keys (and ``hosts_dir`` for the registry) to values
+    from the command line; None values are ignored.
+    """
+    if path is not None:
+        table = read_toml(path)
+    elif DEFAULT_CONFIG.exists():
+        table = read_toml(DEFAULT_CONFIG)
+    else:
+        table = {}
+    config = load_dataclass(DaemonConfig, table)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key == "hosts_dir":
+            config = replace(config, registry=replace(config.registry, hosts_dir=str(value)))
+        else:
+            config = replace(config, **{key: value})
+    return config

@@ -1,0 +1,533 @@
+"""``lazyd serve``: the fetcher process (API ops, mounts, prefetch, background fetch, workers).
+
+Mount records are persisted in ``<root>/mounts/<mount_id>.json`` so that a new
+fetcher (after a crash, ``kill -9`` or SIGTERM) adopts the running workers and
+their mounts.  SIGTERM/SIGINT stop the fetcher only; the ``shutdown`` op is the
+clean stop that unmounts everything and stops the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lazyd.api.messages import (
+    ALREADY_EXISTS,
+    INVALID_REQUEST,
+    NOT_FOUND,
+    UNAVAILABLE,
+    ApiError,
+    CacheArgs,
+    CacheStats,
+    CheckArgs,
+    CheckResult,
+    Empty,
+    FallbackArgs,
+    FallbackInfo,
+    FetchArgs,
+    LayerStats,
+    Message,
+    MountArgs,
+    MountInfo,
+    MountResult,
+    MountsResult,
+    StatusResult,
+    Totals,
+    UnmountArgs,
+    WorkerInfo,
+    WorkerMountArgs,
+    WorkerMountStatus,
+    WorkerStatusResult,
+)
+from lazyd import mounttable
+from lazyd.api.server import Handler, Server
+from lazyd.cache.store import ChunkStore
+from lazyd.config import DaemonConfig
+from lazyd.fetcher.layers import Layer, LayerTable, Member
+from lazyd.fetcher.scheduler import Scheduler
+from lazyd.fetcher.workers import Supervisor, WorkerError, WorkerHandle
+from lazyd.registry import InvalidReferenceError, Reference, RegistryClient, RegistryError
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+MAX_FALLBACKS_SHOWN = 100
+
+
+@dataclass
+class MountRecord:
+    """One mount; the persisted part is everything but ``state`` and ``error``."""
+
+    mount_id: str
+    ref: str
+    layer_digest: str
+    toc_digest: str
+    mountpoint: str
+    worker_id: int
+    state: str = field(default="mounting", compare=False)
+    error: str | None = field(default=None, compare=False)
+
+    def persisted(self) -> dict[str, object]:
+        d = asdict(self)
+        d.pop("state")
+        d.pop("error")
+        return d
+
+
+class Daemon:
+    """The fetcher: owns the store, registry client, layers, scheduler, workers and API server."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.root = config.root_path
+        self.started_at = time.time()
+        self.mounts: dict[str, MountRecord] = {}
+        self.fallbacks: list[FallbackInfo] = []
+        self.fallback_count = 0
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # per-layer prefetch/background task
+        self._prefetch: dict[str, asyncio.Task[None]] = {}
+        self._stop = asyncio.Event()
+        self._clean = False
+        self._mount_lock = asyncio.Lock()
+        self._claimed: set[str] = set()  # mountpoints with a mount in progress
+        self._restored = asyncio.Event()  # set once workers are up and mounts restored
+        self.store: ChunkStore
+        self.registry: RegistryClient
+        self.layers: LayerTable
+        self.scheduler: Scheduler
+        self.supervisor: Supervisor
+        self.server: Server
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT (workers keep running) or the ``shutdown`` op (clean stop)."""
+        cfg = self.config
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (self.root / "mounts").mkdir(exist_ok=True, mode=0o700)
+        self.store = ChunkStore(self.root / "cache", cfg.cache_size)
+        self.registry = RegistryClient(cfg.registry)
+        self.layers = LayerTable(self.root, self.registry)
+        self.scheduler = Scheduler(self.registry, self.store, cfg.max_concurrent_requests, cfg.max_range_size)
+        self.server = Server(cfg.socket, self._ops())
+        await self.server.start()
+        log.info("lazyd %s serving %s (root %s)", VERSION, cfg.socket, self.root)
+        self.supervisor = Supervisor(self.root, cfg.workers, cfg.socket, self.root / "cache", cfg.cache_size,
+                                     cfg.fetch_timeout, cfg.log_level, cfg.worker_start_timeout,
+                                     cfg.health_interval, self._worker_died)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        try:
+            try:
+                adopted = await self.supervisor.start()
+            except WorkerError as exc:
+                log.error("cannot start the FUSE workers: %s", exc)
+                return 1
+            await self._restore_mounts(adopted)
+            self._restored.set()
+            await self._stop.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self._close()
+        return 0
+
+    async def _close(self) -> None:
+        for task in list(self._tasks.values()) + list(self._prefetch.values()):
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), *self._prefetch.values(), return_exceptions=True)
+        if self._clean:
+            await self._unmount_everything()
+        elif hasattr(self, "supervisor"):
+            await self.supervisor.detach()
+            log.info("stopping without unmounting: %d mount(s) stay served by the workers", len(self.mounts))
+        await self.server.close()
+        await self.registry.close()
+        self.store.close()
+
+    async def _unmount_everything(self) -> None:
+        await self.supervisor.shutdown()
+        for record in list(self.mounts.values()):
+            _lazy_unmount(record.mountpoint)
+            self._forget_mount(record)
+
+    # -- mount records ----------------------------------------------------------------
+
+    def _record_path(self, mount_id: str) -> Path:
+        return self.root / "mounts" / f"{mount_id}.json"
+
+    def _save_mount(self, record: MountRecord) -> None:
+        path = self._record_path(record.mount_id)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(record.persisted(), f)
+        os.replace(tmp, path)
+
+    def _forget_mount(self, record: MountRecord) -> None:
+        self.mounts.pop(record.mount_id, None)
+        self._record_path(record.mount_id).unlink(missing_ok=True)
+        if not any(m.layer_digest == record.layer_digest for m in self.mounts.values()):
+            for tasks in (self._tasks, self._prefetch):
+                task = tasks.pop(record.layer_digest, None)
+                if task is not None:
+                    task.cancel()
+
+    async def _restore_mounts(self, adopted: dict[int, WorkerStatusResult]) -> None:
+        """Rebuild the mount table from ``<root>/mounts``: adopt live ones, re-establish the rest."""
+        live = {m.mount_id: (wid, m) for wid, st in adopted.items() for m in st.mounts}
+        for path in sorted((self.root / "mounts").glob("*.json")):
+            try:
+                record = MountRecord(**json.loads(path.read_text()))
+            except (OSError, ValueError, TypeError) as exc:
+                log.error("ignoring unreadable mount record %s: %s", path, exc)
+                continue
+            if record.mount_id in self.mounts:
+                continue
+            self.mounts[record.mount_id] = record
+            if self.layers.get(record.layer_digest) is None:
+                record.state, record.error = "error", f"layer metadata of {record.layer_digest} is missing"
+                continue
+            found = live.pop(record.mount_id, None)
+            if found is not None and found[0] == record.worker_id:
+                record.state = "ready"
+                log.info("adopted mount %s at %s", record.mount_id, record.mountpoint)
+            else:
+                record.state = "broken"
+                await self._reestablish(record)
+            self._start_background(record.layer_digest)
+        for mount_id, (wid, m) in live.items():
+            log.warning("worker %d serves unknown mount %s at %s; unmounting it", wid, mount_id, m.mountpoint)
+            try:
+                await self.supervisor.workers[wid].call("worker.unmount", {"mount_id": mount_id})
+            except ApiError as exc:
+                log.error("unmounting unknown mount %s: %s", mount_id, exc)
+
+    async def _reestablish(self, record: MountRecord) -> None:
+        """Mount ``record`` again (same id and mountpoint) on its worker, or the least loaded one."""
+        layer = self.layers.get(record.layer_digest)
+        if layer is None:
+            record.state, record.error = "error", f"layer {record.layer_digest} is unknown"
+            return
+        handle = self.supervisor.workers.get(record.worker_id)
+        if handle is None or handle.state != "ready":
+            handle = self._pick_worker()
+        try:
+            await self._worker_mount(handle, record, layer)
+        except ApiError as exc:
+            if exc.code == ALREADY_EXISTS and await self._worker_serves(handle, record):
+                record.worker_id = handle.worker_id
+                record.state, record.error = "ready", None
+                return
+            record.state, record.error = "broken", f"re-establishing the mount failed: {exc.message}"
+            log.error("re-establishing mount %s at %s failed: %s", record.mount_id, record.mountpoint, exc)
+            return
+        record.worker_id = handle.worker_id
+        record.state, record.error = "ready", None
+        self._save_mount(record)
+        log.info("re-established mount %s at %s on worker %d", record.mount_id, record.mountpoint, handle.worker_id)
+
+    async def _worker_serves(self, handle: WorkerHandle, record: MountRecord) -> bool:
+        try:
+            st: WorkerStatusResult = await handle.call("worker.status", timeout=5.0)  # type: ignore[assignment]
+        except ApiError:
+            return False
+        return any(m.mount_id == record.mount_id and m.mountpoint == record.mountpoint for m in st.mounts)
+
+    async def _worker_mount(self, handle: WorkerHandle, record: MountRecord, layer: Layer) -> None:
+        args = WorkerMountArgs(mount_id=record.mount_id, mountpoint=record.mountpoint, layer_digest=layer.digest,
+                               toc_digest=layer.meta.toc_digest, toc_path=str(layer.toc_path),
+                               blob_size=layer.meta.blob_size)
+        await handle.call("worker.mount", args, timeout=self.config.mount_timeout)
+
+    async def _worker_died(self, handle: WorkerHandle) -> None:
+        """Mark the worker's mounts broken, start a new worker and mount them again."""
+        broken = [m for m in self.mounts.values() if m.worker_id == handle.worker_id]
+        for record in broken:
+            record.state = "broken"
+            record.error = f"worker {handle.worker_id} (pid {handle.pid}) died"
+        try:
+            await self.supervisor.restart(handle)
+        except WorkerError as exc:
+            log.error("restarting worker %d failed: %s", handle.worker_id, exc)
+            for record in broken:
+                record.error = f"{record.error}; restart failed: {exc}"
+            return
+        for record in broken:
+            await self._reestablish(record)
+
+    def _pick_worker(self) -> WorkerHandle:
+        ready = [w for w in self.supervisor.workers.values() if w.state == "ready"]
+        if not ready:
+            raise ApiError(UNAVAILABLE, "no FUSE worker is running")
+        load = {w.worker_id: 0 for w in ready}
+        for m in self.mounts.values():
+            if m.worker_id in load:
+                load[m.worker_id] += 1
+        return min(ready, key=lambda w: (load[w.worker_id], w.worker_id))
+
+    # -- ops ----------------------------------------------------------------------------
+
+    def _ops(self) -> dict[str, tuple[type[Message], Handler]]:
+        return {
+            "fetch": (FetchArgs, self.op_fetch),
+            "mount": (MountArgs, self._after_restore(self.op_mount)),
+            "unmount": (UnmountArgs, self._after_restore(self.op_unmount)),
+            "check": (CheckArgs, self._after_restore(self.op_check)),
+            "status": (Empty, self._after_restore(self.op_status)),
+            "mounts": (Empty, self._after_restore(self.op_mounts)),
+            "cache": (CacheArgs, self._after_restore(self.op_cache)),
+            "fallback": (FallbackArgs, self.op_fallback),
+            "shutdown": (Empty, self._after_restore(self.op_shutdown)),
+        }
+
+    def _after_restore(self, handler: Handler) -> Handler:
+        """Hold a request until the workers are up and the mount table is restored."""
+        async def wrapped(args: Any) -> Message | None:
+            await self._restored.wait()
+            return await handler(args)
+        return wrapped
+
+    async def op_fetch(self, args: FetchArgs) -> None:
+        layer = self.layers.get(args.layer_digest)
+        if layer is None:
+            raise ApiError(NOT_FOUND, f"layer {args.layer_digest} is not known to this fetcher")
+        members: dict[int, Member] = {}
+        for blob_offset, inner_offset in args.chunks:
+            member = layer.by_chunk.get((blob_offset, inner_offset))
+            if member is None:
+                raise ApiError(INVALID_REQUEST, f"layer {layer.digest} has no chunk at blob offset {blob_offset} "
+                                                f"inner offset {inner_offset}")
+            members[member.blob_offset] = member
+        await self.scheduler.fetch(layer, members.values(), args.priority)
+
+    async def op_mount(self, args: MountArgs) -> MountResult:
+        try:
+            ref = Reference.parse(args.ref)
+        except (InvalidReferenceError, ValueError) as exc:
+            raise ApiError(INVALID_REQUEST, f"ref: {exc}") from None
+        mountpoint = os.path.normpath(args.mountpoint)
+        if not os.path.isdir(mountpoint):
+            raise ApiError(INVALID_REQUEST, f"mountpoint {mountpoint} is not a directory")
+        async with self._mount_lock:
+            if mountpoint in self._claimed or any(m.mountpoint == mountpoint for m in self.mounts.values()):
+                raise ApiError(ALREADY_EXISTS, f"{mountpoint} is already mounted")
+            self._claimed.add(mountpoint)
+        try:
+            layer = await self.layers.open(ref, args.layer_digest, args.toc_digest, self.config.mount_timeout)
+            handle = self._pick_worker()
+            record = MountRecord(uuid.uuid4().hex[:16], str(ref), layer.digest, layer.meta.toc_digest, mountpoint,
+                                 handle.worker_id)
+            self.mounts[record.mount_id] = record
+            self._save_mount(record)
+            try:
+                await self._worker_mount(handle, record, layer)
+            except ApiError:
+                self._forget_mount(record)
+                raise
+            record.state = "ready"
+        finally:
+            self._claimed.discard(mountpoint)
+        wait = self.config.prefetch_wait if args.prefetch_wait is None else args.prefetch_wait
+        prefetch = self._start_background(layer.digest)
+        if prefetch is not None and wait:
+            try:
+                await asyncio.wait_for(asyncio.shield(prefetch), self.config.prefetch_timeout)
+            except (asyncio.TimeoutError, ApiError, asyncio.CancelledError):
+                pass  # the mount works without it; errors show in status
+        return MountResult(record.mount_id, layer.meta.toc_digest, layer.meta.blob_size, handle.pid)
+
+    def _start_background(self, digest: str) -> asyncio.Task[None] | None:
+        """Start the layer's prefetch (and then background fetch) once; returns the prefetch task."""
+        layer = self.layers.get(digest)
+        if layer is None:
+            return None
+        if digest not in self._prefetch and self.config.prefetch:
+            self._prefetch[digest] = asyncio.create_task(self._run_prefetch(layer))
+        if digest not in self._tasks and self.config.background_fetch:
+            self._tasks[digest] = asyncio.create_task(self._run_background(layer))
+        return self._prefetch.get(digest)
+
+    async def _run_prefetch(self, layer: Layer) -> None:
+        end = layer.toc.prefetch_end
+        if not end:
+            layer.counters.prefetch_state = "none"
+            return
+        members = [m for m in layer.members if m.blob_offset < end]
+        layer.counters.prefetch_state = "running"
+        try:
+            await self.scheduler.fetch(layer, members, "prefetch", max_range=None)
+        except ApiError as exc:
+            layer.counters.prefetch_state = "failed"
+            layer.counters.last_error = f"prefetch: {exc.message}"
+            return
+        layer.counters.prefetch_state = "done"
+
+    async def _run_background(self, layer: Layer) -> None:
+        prefetch = self._prefetch.get(layer.digest)
+        if prefetch is not None:
+            await asyncio.gather(prefetch, return_exceptions=True)
+        counters = layer.counters
+        counters.background_state = "running"
+        missing = await asyncio.to_thread(self.scheduler.missing, layer, layer.members)
+        batch: list[Member] = []
+        failed = 0
+        for i, member in enumerate(missing):
+            batch.append(member)
+            size = batch[-1].blob_end - batch[0].blob_offset
+            if size < self.config.background_batch_size and i + 1 < len(missing):
+                continue
+            await self.scheduler.demand_idle.wait()
+            try:
+                await self.scheduler.fetch(layer, batch, "background")
+            except ApiError as exc:
+                failed += 1
+                counters.last_error = f"background: {exc.message}"
+            batch = []
+        counters.background_state = "done" if not failed else "failed"
+
+    async def op_unmount(self, args: UnmountArgs) -> None:
+        record = self._find(args.mountpoint)
+        handle = self.supervisor.workers.get(record.worker_id)
+        if handle is not None and handle.state == "ready":
+            try:
+                await handle.call("worker.unmount", {"mount_id": record.mount_id})
+            except ApiError as exc:
+                if exc.code != NOT_FOUND:
+                    raise
+        _lazy_unmount(record.mountpoint)
+        self._forget_mount(record)
+
+    def _find(self, mountpoint: str) -> MountRecord:
+        mp = os.path.normpath(mountpoint)
+        for record in self.mounts.values():
+            if record.mountpoint == mp:
+                return record
+        raise ApiError(NOT_FOUND, f"nothing is mounted at {mp}")
+
+    async def op_check(self, args: CheckArgs) -> CheckResult:
+        record = self._find(args.mountpoint)
+        served = False
+        handle = self.supervisor.workers.get(record.worker_id)
+        if record.state == "ready" and handle is not None and handle.state == "ready" and handle.alive():
+            try:
+                st: WorkerStatusResult = await handle.call("worker.status", timeout=5.0)  # type: ignore[assignment]
+                served = any(m.mount_id == record.mount_id for m in st.mounts)
+            except ApiError:
+                served = False
+        reachable, error = True, record.error
+        try:
+            await asyncio.wait_for(self.registry.ping(Reference.parse(record.ref)), 10.0)
+        except (RegistryError, asyncio.TimeoutError, OSError) as exc:
+            reachable = False
+            error = error or f"registry: {exc or type(exc).__name__}"
+        state = record.state if served or record.state != "ready" else "broken"
+        return CheckResult(served=served, registry_reachable=reachable, state=state, error=error)
+
+    async def _worker_mounts(self) -> dict[str, WorkerMountStatus]:
+        out: dict[str, WorkerMountStatus] = {}
+
+        async def one(handle: WorkerHandle) -> None:
+            try:
+                st: WorkerStatusResult = await handle.call("worker.status", timeout=5.0)  # type: ignore[assignment]
+            except ApiError:
+                return
+            for m in st.mounts:
+                out[m.mount_id] = m
+
+        await asyncio.gather(*(one(h) for h in self.supervisor.workers.values() if h.state == "ready"))
+        return out
+
+    def _layer_stats(self, layer: Layer | None) -> LayerStats:
+        if layer is None:
+            return LayerStats()
+        c = layer.counters
+        _, cached = self.store.layer_usage(layer.digest)
+        return LayerStats(layer_size=layer.meta.blob_size, fetched_bytes=c.fetched_bytes, cached_bytes=cached,
+                          demand_bytes=c.demand_bytes, prefetch_bytes=c.prefetch_bytes,
+                          background_bytes=c.background_bytes, registry_requests=c.registry_requests,
+                          in_flight=c.in_flight, verify_errors=c.verify_errors, prefetch_state=c.prefetch_state,
+                          background_state=c.background_state, last_error=c.last_error)
+
+    async def _mount_infos(self) -> list[MountInfo]:
+        live = await self._worker_mounts()
+        infos = []
+        for record in sorted(self.mounts.values(), key=lambda r: r.mountpoint):
+            handle = self.supervisor.workers.get(record.worker_id)
+            w = live.get(record.mount_id)
+            layer = self.layers.get(record.layer_digest)
+            error = record.error or (w.last_error if w else None) or (layer.counters.last_error if layer else None)
+            infos.append(MountInfo(
+                mount_id=record.mount_id, ref=record.ref, layer_digest=record.layer_digest,
+                toc_digest=record.toc_digest, mountpoint=record.mountpoint, state=record.state,
+                worker_id=record.worker_id, worker_pid=handle.pid if handle else 0,
+                layer=await asyncio.to_thread(self._layer_stats, layer),
+                reads=w.reads if w else 0, bytes_read=w.bytes_read if w else 0,
+                cache_hits=w.cache_hits if w else 0, cache_misses=w.cache_misses if w else 0,
+                fetch_errors=w.fetch_errors if w else 0, error=error))
+        return infos
+
+    async def op_mounts(self, _args: Empty) -> MountsResult:
+        return MountsResult(await self._mount_infos())
+
+    async def op_status(self, _args: Empty) -> StatusResult:
+        mounts = await self._mount_infos()
+        workers = [WorkerInfo(worker_id=h.worker_id, pid=h.pid, state=h.state,
+                              mounts=sum(1 for m in self.mounts.values() if m.worker_id == h.worker_id),
+                              restarts=h.restarts)
+                   for h in sorted(self.supervisor.workers.values(), key=lambda h: h.worker_id)]
+        layers = self.layers.all()
+        rs = self.registry.stats
+        totals = Totals(
+            registry_requests=rs.requests, registry_bytes=rs.bytes_received, in_flight=rs.in_flight,
+            fetched_bytes=sum(layer.counters.fetched_bytes for layer in layers),
+            demand_bytes=sum(layer.counters.demand_bytes for layer in layers),
+            prefetch_bytes=sum(layer.counters.prefetch_bytes for layer in layers),
+            background_bytes=sum(layer.counters.background_bytes for layer in layers),
+            fetch_requests=self.scheduler.fetch_requests, verify_errors=self.scheduler.verify_errors,
+            fallbacks=self.fallback_count)
+        return StatusResult(pid=os.getpid(), version=VERSION, root=str(self.root), socket=self.config.socket,
+                            started_at=self.started_at, mounts=mounts, workers=workers,
+                            cache=await self._cache_stats(), totals=totals, fallbacks=list(self.fallbacks))
+
+    async def _cache_stats(self, evicted: int | None = None) -> CacheStats:
+        s = await asyncio.to_thread(self.store.stats)
+        return CacheStats(size=s.size, limit=s.limit, count=s.count, directory=s.directory, evicted=evicted)
+
+    async def op_cache(self, args: CacheArgs) -> CacheStats:
+        if args.action == "stats":
+            return await self._cache_stats()
+        if args.layer_digest is not None and args.layer_digest not in {m.layer_digest for m in self.mounts.values()}:
+            evicted = await asyncio.to_thread(self.store.evict, args.layer_digest)
+        elif args.layer_digest is None and not self.mounts:
+            evicted = await asyncio.to_thread(self.store.evict, None)
+        else:
+            raise ApiError(INVALID_REQUEST, "cannot evict chunks of a mounted layer; unmount it first")
+        return await self._cache_stats(evicted)
+
+    async def op_fallback(self, args: FallbackArgs) -> None:
+        self.fallback_count += 1
+        self.fallbacks.append(FallbackInfo(args.ref, args.layer_digest, args.reason, time.time()))
+        del self.fallbacks[:-MAX_FALLBACKS_SHOWN]
+        log.info("fallback for layer %s of %s: %s", args.layer_digest, args.ref, args.reason)
+
+    async def op_shutdown(self, _args: Empty) -> None:
+        self._clean = True
+        asyncio.get_running_loop().call_later(0.05, self._stop.set)
+
+
+def _lazy_unmount(mountpoint: str) -> None:
+    """Detach whatever is still mounted at ``mountpoint`` (a dead bind after a worker died)."""
+    try:
+        mounttable.unmount_all_at(mountpoint)
+    except mounttable.MountError as exc:
+        log.warning("could not detach %s: %s", mountpoint, exc)

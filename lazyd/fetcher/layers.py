@@ -1,0 +1,272 @@
+"""The fetcher's layer table: footer + TOC fetch and verification, and on-disk layer metadata.
+
+A layer is opened once per digest (concurrent opens share the work) and its
+verified TOC is persisted under ``<root>/layers/<algo>-<hex>/`` (``meta.json`` +
+``toc.json``) so that workers can load it and a restarted fetcher can serve
+adopted mounts without the registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lazyd.api.messages import (
+    ANNOTATION_TOC_DIGEST,
+    DIGEST_MISMATCH,
+    FETCH_FAILED,
+    INTERNAL,
+    NOT_ESTARGZ,
+    NOT_FOUND,
+    UNAUTHORIZED,
+    UNREACHABLE,
+    ApiError,
+)
+from lazyd.estargz import (
+    TOC,
+    Chunk,
+    EStargzError,
+    FooterError,
+    TOCDigestMismatch,
+    decode_toc_member,
+    read_footer,
+)
+from lazyd.registry import (
+    DigestMismatchError,
+    NotFoundError,
+    Reference,
+    RegistryClient,
+    RegistryError,
+    UnauthorizedError,
+    UnreachableError,
+)
+
+TAIL_SIZE = 64 * 1024
+"""Bytes read from the end of a blob in the first request (footer and, usually, the TOC)."""
+
+
+def registry_error(exc: RegistryError) -> ApiError:
+    """Translate a registry error into an API error with the matching code."""
+    if isinstance(exc, NotFoundError):
+        return ApiError(NOT_FOUND, str(exc))
+    if isinstance(exc, UnauthorizedError):
+        return ApiError(UNAUTHORIZED, str(exc))
+    if isinstance(exc, UnreachableError):
+        return ApiError(UNREACHABLE, str(exc))
+    if isinstance(exc, DigestMismatchError):
+        return ApiError(DIGEST_MISMATCH, str(exc))
+    return ApiError(FETCH_FAILED, str(exc))
+
+
+@dataclass(frozen=True)
+class Member:
+    """One gzip member of the blob and the chunks decoded from it."""
+
+    blob_offset: int
+    blob_end: int
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def size(self) -> int:
+        return self.blob_end - self.blob_offset
+
+
+@dataclass
+class LayerCounters:
+    """Mutable per-layer fetch counters (shown by ``status``)."""
+
+    demand_bytes: int = 0
+    prefetch_bytes: int = 0
+    background_bytes: int = 0
+    registry_requests: int = 0
+    in_flight: int = 0
+    verify_errors: int = 0
+    prefetch_state: str = "none"
+    background_state: str = "none"
+    last_error: str | None = None
+
+    def add_bytes(self, priority: str, n: int) -> None:
+        setattr(self, f"{priority}_bytes", getattr(self, f"{priority}_bytes") + n)
+
+    @property
+    def fetched_bytes(self) -> int:
+        return self.demand_bytes + self.prefetch_bytes + self.background_bytes
+
+
+@dataclass(frozen=True)
+class LayerMeta:
+    """What is persisted about a layer (no credentials)."""
+
+    ref: str
+    layer_digest: str
+    toc_digest: str
+    blob_size: int
+    toc_offset: int
+
+
+@dataclass
+class Layer:
+    """An opened, verified eStargz layer."""
+
+    meta: LayerMeta
+    toc: TOC
+    toc_path: Path
+    members: list[Member]
+    by_chunk: dict[tuple[int, int], Member]
+    counters: LayerCounters = field(default_factory=LayerCounters)
+
+    @property
+    def digest(self) -> str:
+        return self.meta.layer_digest
+
+    @property
+    def ref(self) -> Reference:
+        return Reference.parse(self.meta.ref)
+
+    @classmethod
+    def build(cls, meta: LayerMeta, toc: TOC, toc_path: Path) -> Layer:
+        groups: dict[int, list[Chunk]] = {}
+        for chunk in toc.chunks:
+            groups.setdefault(chunk.blob_offset, []).append(chunk)
+        members = []
+        by_chunk: dict[tuple[int, int], Member] = {}
+        for offset in sorted(groups):
+            chunks = tuple(groups[offset])
+            end = chunks[0].blob_end if chunks[0].blob_end is not None else meta.toc_offset
+            member = Member(offset, end, chunks)
+            members.append(member)
+            for chunk in chunks:
+                by_chunk[(chunk.blob_offset, chunk.inner_offset)] = member
+        return cls(meta, toc, toc_path, members, by_chunk)
+
+
+def layer_dir(root: Path, digest: str) -> Path:
+    return root / "layers" / digest.replace(":", "-")
+
+
+class LayerTable:
+    """Opened layers by digest; opens from the registry or from ``<root>/layers``."""
+
+    def __init__(self, root: Path, client: RegistryClient) -> None:
+        self.root = root
+        self.client = client
+        self._layers: dict[str, Layer] = {}
+        self._opening: dict[str, asyncio.Future[Layer]] = {}
+
+    def get(self, digest: str) -> Layer | None:
+        """An open layer, loading persisted metadata if needed; None if unknown."""
+        layer = self._layers.get(digest)
+        if layer is None:
+            layer = self._load(digest)
+            if layer is not None:
+                self._layers[digest] = layer
+        return layer
+
+    def all(self) -> list[Layer]:
+        return list(self._layers.values())
+
+    def forget(self, digest: str) -> None:
+        self._layers.pop(digest, None)
+
+    async def open(self, ref: Reference, digest: str, toc_digest: str | None, timeout: float) -> Layer:
+        """The layer, fetching and verifying its footer and TOC if it is not open yet."""
+        layer = self.get(digest)
+        if layer is not None:
+            if toc_digest is not None and toc_digest != layer.meta.toc_digest:
+                raise ApiError(DIGEST_MISMATCH, f"layer {digest} has TOC digest {layer.meta.toc_digest}, "
+                                                f"not {toc_digest}")
+            return layer
+        pending = self._opening.get(digest)
+        if pending is None:
+            pending = asyncio.ensure_future(self._open(ref, digest, toc_digest, timeout))
+            self._opening[digest] = pending
+            pending.add_done_callback(lambda _f: self._opening.pop(digest, None))
+        return await asyncio.shield(pending)
+
+    async def _open(self, ref: Reference, digest: str, toc_digest: str | None, timeout: float) -> Layer:
+        try:
+            return await asyncio.wait_for(self._fetch_toc(ref, digest, toc_digest), timeout)
+        except asyncio.TimeoutError:
+            raise ApiError("timeout", f"opening layer {digest} of {ref} took longer than {timeout}s") from None
+        except RegistryError as exc:
+            raise registry_error(exc) from None
+
+    async def _toc_digest_from_manifest(self, ref: Reference, digest: str) -> str:
+        image = await self.client.resolve(ref)
+        for desc in image.layers:
+            if desc.digest == digest:
+                value = desc.annotations.get(ANNOTATION_TOC_DIGEST)
+                if not value:
+                    raise ApiError(NOT_ESTARGZ, f"layer {digest} of {ref} has no {ANNOTATION_TOC_DIGEST} annotation")
+                return str(value)
+        raise ApiError(NOT_FOUND, f"layer {digest} is not in the manifest of {ref}")
+
+    async def _fetch_toc(self, ref: Reference, digest: str, toc_digest: str | None) -> Layer:
+        if toc_digest is None:
+            toc_digest = await self._toc_digest_from_manifest(ref, digest)
+        blob_size = await self.client.blob_size(ref, digest)
+        counters = LayerCounters()
+        tail_len = min(blob_size, TAIL_SIZE)
+        if tail_len == 0:
+            raise ApiError(NOT_ESTARGZ, f"layer {digest} is empty")
+        (tail,) = await self.client.fetch_ranges(ref, digest, [(blob_size - tail_len, tail_len)])
+        counters.registry_requests += 1
+        try:
+            footer = read_footer(tail, blob_size)
+        except FooterError as exc:
+            raise ApiError(NOT_ESTARGZ, f"layer {digest} of {ref}: {exc}") from None
+        toc_end = blob_size - footer.size
+        tail_start = blob_size - tail_len
+        if footer.toc_offset >= tail_start:
+            member = tail[footer.toc_offset - tail_start : toc_end - tail_start]
+        else:
+            (member,) = await self.client.fetch_ranges(ref, digest, [(footer.toc_offset, toc_end - footer.toc_offset)])
+            counters.registry_requests += 1
+        try:
+            json_bytes = await asyncio.to_thread(decode_toc_member, member)
+            toc = await asyncio.to_thread(TOC.parse, json_bytes, toc_digest, footer.toc_offset)
+        except TOCDigestMismatch as exc:
+            raise ApiError(DIGEST_MISMATCH, f"layer {digest} of {ref}: {exc}") from None
+        except EStargzError as exc:
+            raise ApiError(NOT_ESTARGZ, f"layer {digest} of {ref}: {exc}") from None
+        meta = LayerMeta(str(ref), digest, toc_digest, blob_size, footer.toc_offset)
+        toc_path = self._persist(meta, json_bytes)
+        layer = Layer.build(meta, toc, toc_path)
+        layer.counters = counters
+        self._layers[digest] = layer
+        return layer
+
+    def _persist(self, meta: LayerMeta, json_bytes: bytes) -> Path:
+        d = layer_dir(self.root, meta.layer_digest)
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _atomic_write(d / "toc.json", json_bytes)
+        _atomic_write(d / "meta.json", json.dumps(asdict(meta)).encode())
+        return d / "toc.json"
+
+    def _load(self, digest: str) -> Layer | None:
+        d = layer_dir(self.root, digest)
+        try:
+            meta = LayerMeta(**json.loads((d / "meta.json").read_bytes()))
+            json_bytes = (d / "toc.json").read_bytes()
+        except (OSError, ValueError, TypeError):
+            return None
+        if meta.layer_digest != digest:
+            return None
+        try:
+            toc = TOC.parse(json_bytes, meta.toc_digest, meta.toc_offset)
+        except EStargzError as exc:
+            raise ApiError(INTERNAL, f"persisted TOC of layer {digest} is invalid: {exc}") from None
+        return Layer.build(meta, toc, d / "toc.json")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,229 @@
+"""FUSE worker processes: spawn, adopt, health-check.
+
+Workers run ``python3 -m lazyd.fuse.worker`` in their own session, so they
+outlive the fetcher.  A new fetcher adopts a worker whose ``worker.json`` names a
+live ``lazyd.fuse.worker`` process with an answering control socket.  Liveness
+is checked every ``health_interval`` (child exit status for our own children,
+``/proc`` for adopted ones); a death is reported to ``on_death``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lazyd.api.client import AsyncClient
+from lazyd.api.messages import UNAVAILABLE, ApiError, Empty, Message, WorkerStatusResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerHandle:
+    """One worker process as the fetcher sees it."""
+
+    worker_id: int
+    state_dir: Path
+    pid: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    client: AsyncClient | None = None
+    state: str = "starting"  # starting, ready, dead
+    restarts: int = 0
+    adopted: bool = False
+    started_at: float = field(default_factory=time.time)
+
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return pid_is_worker(self.pid)
+
+    async def call(self, op: str, args: Message | dict[str, object] | None = None, timeout: float = 30.0) -> object:
+        if self.client is None or self.state == "dead":
+            raise ApiError(UNAVAILABLE, f"worker {self.worker_id} is not running")
+        return await self.client.request(op, args if args is not None else Empty(), timeout)
+
+
+def pid_is_worker(pid: int) -> bool:
+    """True when ``pid`` is a running (not zombie) ``lazyd.fuse.worker`` process."""
+    if pid <= 0:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    state = stat.rsplit(")", 1)[-1].split()[0]
+    return state not in ("Z", "X") and b"lazyd.fuse.worker" in cmdline
+
+
+class WorkerError(Exception):
+    """A worker could not be started."""
+
+
+class Supervisor:
+    """Starts (or adopts) ``count`` workers and watches them."""
+
+    def __init__(self, root: Path, count: int, socket_path: str, cache_dir: Path, cache_size: int,
+                 fetch_timeout: float, log_level: str, start_timeout: float, interval: float,
+                 on_death: Callable[[WorkerHandle], Awaitable[None]]) -> None:
+        self.root = root
+        self.count = count
+        self.socket_path = socket_path
+        self.cache_dir = cache_dir
+        self.cache_size = cache_size
+        self.fetch_timeout = fetch_timeout
+        self.log_level = log_level
+        self.start_timeout = start_timeout
+        self.interval = interval
+        self.on_death = on_death
+        self.workers: dict[int, WorkerHandle] = {}
+        self._monitor: asyncio.Task[None] | None = None
+        self._restarting: set[int] = set()
+
+    def state_dir(self, worker_id: int) -> Path:
+        return self.root / "workers" / str(worker_id)
+
+    async def start(self) -> dict[int, WorkerStatusResult]:
+        """Adopt live workers, spawn the missing ones; returns the status of adopted workers."""
+        (self.root / "workers").mkdir(parents=True, exist_ok=True, mode=0o700)
+        adopted: dict[int, WorkerStatusResult] = {}
+        for worker_id in range(self.count):
+            status = await self._adopt(worker_id)
+            if status is not None:
+                adopted[worker_id] = status
+            else:
+                self.workers[worker_id] = await self.spawn(worker_id)
+        self._monitor = asyncio.create_task(self._watch())
+        return adopted
+
+    async def _adopt(self, worker_id: int) -> WorkerStatusResult | None:
+        info_path = self.state_dir(worker_id) / "worker.json"
+        try:
+            info = json.loads(info_path.read_text())
+            pid = int(info["pid"])
+            control = str(info["control_socket"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not pid_is_worker(pid):
+            return None
+        client = AsyncClient(control, timeout=10.0, connect_timeout=2.0)
+        try:
+            status: WorkerStatusResult = await client.request("worker.status", Empty(), 10.0)
+        except ApiError as exc:
+            log.warning("worker %d (pid %d) does not answer (%s); starting a new one", worker_id, pid, exc)
+            await client.close()
+            return None
+        self.workers[worker_id] = WorkerHandle(worker_id, self.state_dir(worker_id), pid=pid, client=client,
+                                               state="ready", adopted=True)
+        log.info("adopted worker %d (pid %d) with %d mount(s)", worker_id, pid, len(status.mounts))
+        return status
+
+    async def spawn(self, worker_id: int, restarts: int = 0) -> WorkerHandle:
+        """Start a worker process and wait until its control socket answers."""
+        state_dir = self.state_dir(worker_id)
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        info_path = state_dir / "worker.json"
+        info_path.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "lazyd.fuse.worker", "--worker-id", str(worker_id), "--state-dir", str(state_dir),
+                "--fetcher-socket", self.socket_path, "--cache-dir", str(self.cache_dir),
+                "--cache-size", str(self.cache_size), "--fetch-timeout", str(self.fetch_timeout),
+                "--log-level", self.log_level]
+        fd = os.open(state_dir / "worker.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True,
+                                    close_fds=True)
+        finally:
+            os.close(fd)
+        handle = WorkerHandle(worker_id, state_dir, pid=proc.pid, proc=proc, restarts=restarts)
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            if proc.poll() is not None:
+                raise WorkerError(f"worker {worker_id} exited with status {proc.returncode} while starting; "
+                                  f"see {state_dir / 'worker.log'}")
+            try:
+                info = json.loads(info_path.read_text())
+                if int(info["pid"]) == proc.pid:
+                    break
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise WorkerError(f"worker {worker_id} did not start within {self.start_timeout}s; "
+                                  f"see {state_dir / 'worker.log'}")
+            await asyncio.sleep(0.05)
+        handle.client = AsyncClient(str(info["control_socket"]), timeout=30.0, connect_timeout=2.0)
+        handle.state = "ready"
+        log.info("started worker %d (pid %d)", worker_id, proc.pid)
+        return handle
+
+    async def restart(self, dead: WorkerHandle) -> WorkerHandle:
+        """Replace a dead worker by a new process with the same id."""
+        if dead.client is not None:
+            await dead.client.close()
+        if dead.proc is not None:
+            dead.proc.poll()
+        handle = await self.spawn(dead.worker_id, restarts=dead.restarts + 1)
+        self.workers[dead.worker_id] = handle
+        return handle
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            for handle in list(self.workers.values()):
+                if handle.state == "ready" and not handle.alive():
+                    handle.state = "dead"
+                    log.error("worker %d (pid %d) died", handle.worker_id, handle.pid)
+                    try:
+                        await self.on_death(handle)
+                    except Exception:  # noqa: BLE001 - keep watching the others
+                        log.exception("handling the death of worker %d failed", handle.worker_id)
+
+    async def stop_watching(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+            try:
+                await self._monitor
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._monitor = None
+
+    async def detach(self) -> None:
+        """Stop watching and close control connections; the workers keep running."""
+        await self.stop_watching()
+        for handle in self.workers.values():
+            if handle.client is not None:
+                await handle.client.close()
+
+    async def shutdown(self) -> None:
+        """Ask every worker to unmount everything and exit; wait for them."""
+        await self.stop_watching()
+        for handle in self.workers.values():
+            if handle.state != "dead":
+                try:
+                    await handle.call("worker.shutdown", timeout=30.0)
+                except ApiError as exc:
+                    log.warning("worker %d shutdown: %s", handle.worker_id, exc)
+            deadline = time.monotonic() + 15
+            while handle.alive() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if handle.alive():
+                log.error("worker %d (pid %d) did not exit; killing it", handle.worker_id, handle.pid)
+                try:
+                    os.kill(handle.pid, 9)
+                except ProcessLookupError:
+                    pass
+            if handle.proc is not None:
+                handle.proc.wait()
+            if handle.client is not None:
+                await handle.client.close()
+            (handle.state_dir / "worker.json").unlink(missing_ok=True)
+            handle.state = "dead"

@@ -1,0 +1,187 @@
+"""Mounting eStargz layers through `lazyd serve` (real registry, real FUSE workers)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from lazyd.estargz import TOC, decode_toc_member, read_footer
+from tests.daemon.conftest import DaemonProc, via
+from tests.support.treecheck import check_tree
+from tests.support.estargz_images import EStargzImage, build_layers, push_layers
+from tests.support.registry import Registry
+from tests.support.tcpproxy import TCPProxy
+
+NO_BACKGROUND = "prefetch = false\nbackground_fetch = false"
+
+
+def test_busybox_layers_match_source(daemon: DaemonProc, busybox: EStargzImage) -> None:
+    with daemon.client() as c:
+        for i, layer in enumerate(busybox.layers):
+            mp = daemon.mountpoint(f"l{i}")
+            r = c.mount(busybox.ref, layer.digest, str(mp))
+            assert r.toc_digest == layer.toc_digest and r.layer_size == layer.size
+            assert check_tree(mp, layer.tar) > 10
+        st = c.status()
+        assert [m.state for m in st.mounts] == ["ready", "ready"]
+        assert st.mounts[0].layer.prefetch_state == "done"  # layer 0 has a prioritized file
+        c.unmount(str(daemon.mountpoints[0]))
+        assert not os.path.ismount(daemon.mountpoints[0])
+        assert len(c.mounts().mounts) == 1
+
+
+@pytest.mark.slow
+def test_debian_python_layers_match_source(daemon: DaemonProc, debian: EStargzImage) -> None:
+    with daemon.client() as c:
+        for i, layer in enumerate(debian.layers):
+            mp = daemon.mountpoint(f"deb{i}")
+            c.mount(debian.ref, layer.digest, str(mp))  # TOC digest from the manifest annotation
+            assert check_tree(mp, layer.tar) > 100
+
+
+@pytest.mark.slow
+def test_small_file_from_big_layer_fetches_under_1mb(daemon_factory, debian: EStargzImage, proxy: TCPProxy) -> None:
+    d = daemon_factory(extra=NO_BACKGROUND).start()
+    layer = debian.layers[0]
+    assert layer.size >= 50 * 1000 * 1000
+    mp = d.mountpoint("big")
+    with d.client() as c:
+        c.mount(via(debian.ref, proxy), layer.digest, str(mp), layer.toc_digest)
+        with tarfile.open(layer.tar) as tar:
+            want = tar.extractfile("./etc/os-release" if "./etc/os-release" in tar.getnames() else "etc/os-release")
+            want_bytes = want.read()
+        assert (mp / "etc/os-release").read_bytes() == want_bytes
+        print(f"layer {layer.size} bytes; fetched {proxy.bytes_down} bytes through the proxy "
+              f"({len(proxy.range_requests(layer.digest))} range requests) to mount and read etc/os-release")
+        assert proxy.bytes_down < 1_000_000, f"{proxy.bytes_down} bytes fetched for one small file"
+        st = c.status()
+        assert st.mounts[0].layer.demand_bytes > 0
+
+
+def test_32_threads_same_chunk_one_request(daemon_factory, busybox: EStargzImage, proxy: TCPProxy) -> None:
+    d = daemon_factory(extra=NO_BACKGROUND).start()
+    layer = busybox.layers[1]
+    mp = d.mountpoint("dedupe")
+    with d.client() as c:
+        c.mount(via(busybox.ref, proxy), layer.digest, str(mp), layer.toc_digest)
+    before = len(proxy.range_requests(layer.digest))
+    barrier = threading.Barrier(32)
+    results: list[bytes] = []
+
+    def read() -> None:
+        barrier.wait()
+        with open(mp / "data/big.bin", "rb") as f:
+            f.seek(300 * 1024)
+            results.append(f.read(4096))
+
+    threads = [threading.Thread(target=read) for _ in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    with tarfile.open(layer.tar) as tar:
+        data = tar.extractfile("data/big.bin").read()
+    assert results == [data[300 * 1024 : 304 * 1024]] * 32
+    assert len(proxy.range_requests(layer.digest)) - before == 1
+
+
+def test_32_concurrent_fetch_requests_one_registry_request(daemon_factory, busybox: EStargzImage,
+                                                          proxy: TCPProxy) -> None:
+    """The fetcher's dedupe, driven directly over the API by 32 threads on 32 connections."""
+    from lazyd.api.client import Client
+
+    d = daemon_factory(extra=NO_BACKGROUND).start()
+    layer = busybox.layers[1]
+    mp = d.mountpoint("dedupe2")
+    with d.client() as c:
+        c.mount(via(busybox.ref, proxy), layer.digest, str(mp), layer.toc_digest)
+    toc = _toc_of(layer.blob)
+    chunk = toc.file_chunks(toc.lookup("data/big.bin"))[5]
+    before = len(proxy.range_requests(layer.digest))
+    barrier = threading.Barrier(32)
+    errors: list[Exception] = []
+
+    def fetch() -> None:
+        with Client(d.socket, timeout=60) as client:
+            barrier.wait()
+            try:
+                client.fetch(layer.digest, [(chunk.blob_offset, chunk.inner_offset)])
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert len(proxy.range_requests(layer.digest)) - before == 1
+
+
+def _toc_of(blob: Path) -> TOC:
+    data = blob.read_bytes()
+    footer = read_footer(data[-64:], len(data))
+    return TOC.parse(decode_toc_member(data[footer.toc_offset : len(data) - footer.size]), None, footer.toc_offset)
+
+
+def test_clean_restart_refetches_nothing(daemon_factory, busybox: EStargzImage, proxy: TCPProxy) -> None:
+    d = daemon_factory(extra=NO_BACKGROUND).start()
+    layer = busybox.layers[1]
+    mp = d.mountpoint("restart")
+    ref = via(busybox.ref, proxy)
+    with d.client() as c:
+        c.mount(ref, layer.digest, str(mp), layer.toc_digest)
+    check_tree(mp, layer.tar)
+    assert proxy.range_requests(layer.digest)
+    d.shutdown()
+    assert not os.path.ismount(mp), "the clean stop must unmount"
+    assert not d.worker_pids(), "the clean stop must stop the workers"
+    proxy.reset()
+    d.start()
+    with d.client() as c:
+        c.mount(ref, layer.digest, str(mp), layer.toc_digest)
+    check_tree(mp, layer.tar)
+    assert proxy.range_requests(layer.digest) == []
+    assert proxy.bytes_down == 0
+
+
+def test_corrupted_chunk_gives_eio_for_that_file_only(daemon_factory, registry: Registry, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    files = {f"d/f{i}.bin": hashlib.sha256(str(i).encode()).digest() * 2048 for i in range(4)}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    tar_path = tmp_path / "layer.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        tar.add(src / "d", arcname="d")
+    (layer,) = build_layers([tar_path], tmp_path / "esgz")
+    image = push_layers(registry.host, "corrupt:t", [layer])
+    toc = _toc_of(layer.blob)
+    victim = toc.file_chunks(toc.lookup("d/f2.bin"))[0]
+    blob = registry.blob_path(layer.digest)
+    raw = bytearray(blob.read_bytes())
+    pos = (victim.blob_offset + victim.blob_end) // 2
+    raw[pos] ^= 0xFF
+    blob.write_bytes(bytes(raw))
+
+    d = daemon_factory(extra=NO_BACKGROUND).start()
+    mp = d.mountpoint("corrupt")
+    with d.client() as c:
+        c.mount(image.ref, layer.digest, str(mp), layer.toc_digest)
+        with pytest.raises(OSError) as exc:
+            (mp / "d/f2.bin").read_bytes()
+        assert exc.value.errno == errno.EIO
+        for name, data in files.items():
+            if name != "d/f2.bin":
+                assert (mp / name).read_bytes() == data
+        st = c.status()
+        (m,) = st.mounts
+        assert m.layer.verify_errors >= 1 and st.totals.verify_errors >= 1
+        assert m.error and "f2.bin" in m.error
+        assert m.state == "ready"

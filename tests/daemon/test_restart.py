@@ -1,0 +1,126 @@
+"""Fetcher crashes and worker deaths must not lose mounts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import tarfile
+import threading
+import time
+
+from lazyd.api.messages import ApiError
+from tests.daemon.conftest import DaemonProc, via
+from tests.support.treecheck import check_tree
+from tests.support.estargz_images import EStargzImage
+from tests.support.procs import wait_until
+from tests.support.tcpproxy import TCPProxy
+
+NO_BACKGROUND = "prefetch = false\nbackground_fetch = false"
+
+
+def test_kill9_fetcher_during_read_then_restart_adopts(daemon_factory, busybox: EStargzImage,
+                                                       proxy: TCPProxy) -> None:
+    d: DaemonProc = daemon_factory(extra=NO_BACKGROUND).start()
+    layer = busybox.layers[1]
+    mp = d.mountpoint("crash")
+    with d.client() as c:
+        mount = c.mount(via(busybox.ref, proxy), layer.digest, str(mp), layer.toc_digest)
+    with tarfile.open(layer.tar) as tar:
+        want = tar.extractfile("data/big.bin").read()
+    proxy.delay = 0.03  # slow link: the read below takes several seconds
+    got: list[bytes | Exception] = []
+
+    def read() -> None:
+        try:
+            got.append((mp / "data/big.bin").read_bytes())
+        except OSError as exc:
+            got.append(exc)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    wait_until(lambda: proxy.range_requests(layer.digest), 10, "the read to reach the registry")
+    time.sleep(0.3)
+    assert reader.is_alive(), "the read finished before the crash; slow the proxy down"
+    d.kill9()
+    time.sleep(0.5)
+    # The workers survive and keep the mount; cached parts stay readable.
+    assert os.path.ismount(mp)
+    assert all(_alive(pid) for pid in d.worker_pids())
+    d.start()
+    reader.join(60)
+    assert got == [want], "the read must finish with the right bytes once the new fetcher is up"
+    proxy.delay = 0.0
+    check_tree(mp, layer.tar)
+    with d.client() as c:
+        st = c.status()
+    (m,) = st.mounts
+    assert (m.mount_id, m.mountpoint, m.state) == (mount.mount_id, str(mp), "ready")
+    assert m.worker_pid == mount.worker_pid, "the worker was adopted, not replaced"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_killed_worker_is_restarted_and_mounts_reestablished(daemon_factory, busybox: EStargzImage) -> None:
+    d: DaemonProc = daemon_factory(workers=1).start()
+    mps = []
+    with d.client() as c:
+        for i, layer in enumerate(busybox.layers):
+            mp = d.mountpoint(f"w{i}")
+            c.mount(busybox.ref, layer.digest, str(mp), layer.toc_digest)
+            mps.append(mp)
+        (old_pid,) = d.worker_pids()
+        os.kill(old_pid, signal.SIGKILL)
+        seen_broken = False
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                st = c.status()
+            except ApiError:
+                continue
+            states = {m.state for m in st.mounts}
+            seen_broken |= "broken" in states
+            if states == {"ready"} and st.workers[0].pid != old_pid and st.workers[0].state == "ready":
+                break
+            time.sleep(0.02)
+        assert seen_broken, "status must report the mounts of a dead worker as broken"
+        assert st.workers[0].restarts == 1 and st.workers[0].pid != old_pid
+        assert {m.worker_pid for m in st.mounts} == {st.workers[0].pid}
+        check = c.check(str(mps[0]))
+        assert check.served and check.registry_reachable and check.state == "ready"
+    for layer, mp in zip(busybox.layers, mps):
+        check_tree(mp, layer.tar)
+
+
+def test_sigterm_keeps_mounts_and_restart_replaces_a_worker_that_died_meanwhile(
+        daemon_factory, busybox: EStargzImage) -> None:
+    d: DaemonProc = daemon_factory(workers=2).start()
+    mps = []
+    with d.client() as c:
+        for i, layer in enumerate(busybox.layers):
+            mp = d.mountpoint(f"t{i}")
+            c.mount(busybox.ref, layer.digest, str(mp), layer.toc_digest)
+            mps.append(mp)
+        st = c.status()
+    assert {m.worker_id for m in st.mounts} == {0, 1}, "mounts are spread over the workers"
+    d.proc.stop(signal.SIGTERM)  # stops the fetcher only
+    assert all(os.path.ismount(mp) for mp in mps)
+    assert (mps[0] / "etc/hello.txt").read_text() == "hello from lazyd\n"  # cached: served without a fetcher
+    victim = next(m for m in st.mounts if m.mountpoint == str(mps[1]))
+    os.kill(victim.worker_pid, signal.SIGKILL)
+    time.sleep(0.3)
+    d.start()
+    with d.client() as c:
+        st2 = c.status()
+    assert {m.state for m in st2.mounts} == {"ready"}
+    pids = {m.mountpoint: m.worker_pid for m in st2.mounts}
+    assert pids[str(mps[1])] != victim.worker_pid
+    survivor = next(m for m in st.mounts if m.mountpoint == str(mps[0]))
+    assert pids[str(mps[0])] == survivor.worker_pid, "the live worker is adopted"
+    for layer, mp in zip(busybox.layers, mps):
+        check_tree(mp, layer.tar)
