@@ -1,4 +1,5 @@
-"""Mount-table helpers for the worker: find, bind and (lazily) unmount mounts."""
+"""Mount-table helpers shared by the FUSE worker, the fetcher and the snapshotter:
+find, bind and (lazily) unmount mounts, and spot dead FUSE mounts."""
 
 from __future__ import annotations
 
@@ -31,7 +32,20 @@ def mount_points() -> list[str]:
 
 
 def is_mounted(path: str) -> bool:
-    return os.path.abspath(path) in mount_points()
+    return os.path.realpath(path) in mount_points()
+
+
+def mountpoints_below(path: str | os.PathLike[str]) -> list[str]:
+    """Mount points at or below ``path``, deepest first."""
+    prefix = os.path.realpath(path)
+    inside = {p for p in mount_points() if p == prefix or p.startswith(prefix + "/")}
+    return sorted(inside, key=len, reverse=True)
+
+
+def unmount_below(path: str | os.PathLike[str]) -> None:
+    """Lazily unmount every mount at or below ``path``, ignoring failures."""
+    for point in mountpoints_below(path):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
 
 def is_dead(path: str) -> bool:
@@ -57,7 +71,7 @@ def _run(*argv: str) -> None:
 
 def unmount_all_at(path: str, lazy: bool = True) -> None:
     """Unmount every mount stacked at ``path`` (lazily by default: busy mounts detach)."""
-    path = os.path.abspath(path)
+    path = os.path.realpath(path)
     for _ in range(16):
         if path not in mount_points():
             return

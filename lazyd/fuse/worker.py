@@ -28,7 +28,7 @@ from lazyd.api import messages, wire
 from lazyd.api.messages import ApiError
 from lazyd.cache.store import ChunkStore
 from lazyd.estargz import TOC, EStargzError
-from lazyd.fuse import mounts
+from lazyd import mounttable as mounts
 from lazyd.fuse.fetchconn import FetcherConnection
 from lazyd.fuse.fs import LazyFS, Layer
 from lazyd.fuse.inodes import InodeTable, InodeTableError

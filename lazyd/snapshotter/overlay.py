@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lazyd.mounttable import unmount_below
 from lazyd.snapshotter.metadata import Kind
 
 OVERLAY_INDEX_PARAM = Path("/sys/module/overlay/parameters/index")
@@ -108,26 +108,3 @@ def usage(path: Path) -> tuple[int, int]:
             seen.add(ino)
             size += st.st_blocks * 512
     return size, len(seen)
-
-
-def mountpoints_below(path: Path) -> list[str]:
-    """Mount points at or below ``path``, deepest first."""
-    prefix = str(path.resolve())
-    with open("/proc/self/mountinfo") as f:
-        points = {_unescape(line.split()[4]) for line in f}
-    inside = [p for p in points if p == prefix or p.startswith(prefix + "/")]
-    return sorted(inside, key=len, reverse=True)
-
-
-def is_mountpoint(path: Path) -> bool:
-    return str(path.resolve()) in mountpoints_below(path)
-
-
-def unmount_below(path: Path) -> None:
-    """Lazily unmount every mount at or below ``path``."""
-    for point in mountpoints_below(path):
-        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
-
-
-def _unescape(field_: str) -> str:
-    return field_.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")

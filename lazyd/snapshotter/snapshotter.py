@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from lazyd.api.messages import ApiError
+from lazyd import mounttable
 from lazyd.snapshotter import overlay
 from lazyd.snapshotter.config import SnapshotterConfig
 from lazyd.snapshotter.filters import Filter
@@ -79,9 +80,9 @@ class Snapshotter:
                         layer.layer_digest, layer.ref, reason)
             self.lazyd.report_fallback(layer, reason)
             fs = self.layout.upper(sid)
-            if overlay.is_mountpoint(fs):  # e.g. lazyd finished mounting after our timeout
+            if mounttable.is_mounted(fs):  # e.g. lazyd finished mounting after our timeout
                 self.lazyd.unmount(fs)
-                overlay.unmount_below(fs)
+                mounttable.unmount_below(fs)
             return mounts
         return self._commit_remote(key, layer, toc, labels, sid)
 
@@ -144,9 +145,9 @@ class Snapshotter:
         """Delete snapshot directories that have no metadata (crash leftovers)."""
         for path in self.layout.orphan_dirs(self.store.ids()):
             fs = path / "fs"
-            if overlay.is_mountpoint(fs):
+            if mounttable.is_mounted(fs):
                 self.lazyd.unmount(fs)
-            overlay.unmount_below(path)
+            mounttable.unmount_below(path)
             log.info("cleanup: removing %s", path)
             shutil.rmtree(path, ignore_errors=True)
 

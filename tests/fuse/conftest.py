@@ -19,7 +19,7 @@ import pytest
 
 from lazyd.api import wire
 from lazyd.cache.store import ChunkStore
-from lazyd.fuse import mounts
+from lazyd import mounttable as mounts
 from tests.fuse.fetcher import LocalFetcher, LocalLayer
 from tests.support.procs import Proc, wait_until
 

@@ -6,12 +6,11 @@ import errno
 import os
 import subprocess
 import threading
-from pathlib import Path
 
 import pytest
 
 from tests.fuse.conftest import BuiltLayer, WorkerEnv, make_layer, read_file, rich_tar
-from tests.fuse.treecheck import check_tree
+from tests.support.treecheck import check_tree
 
 
 @pytest.fixture(scope="module")

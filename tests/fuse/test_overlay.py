@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.fuse.conftest import WorkerEnv, make_layer, read_file
-from tests.fuse.treecheck import check_tree
+from tests.support.treecheck import check_tree
 from tests.support.images import build_busybox, layer_tars
 
 

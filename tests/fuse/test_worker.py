@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from lazyd.fuse import mounts
+from lazyd import mounttable as mounts
 from tests.fuse.conftest import (
     FETCH_TIMEOUT,
     BuiltLayer,

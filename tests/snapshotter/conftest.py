@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from lazyd.proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc
-from lazyd.snapshotter.overlay import unmount_below
+from lazyd.mounttable import unmount_below
 from tests.support.containerd import Containerd, start_containerd
 from tests.support.images import build_busybox, push
 from tests.support.procs import Proc, wait_until

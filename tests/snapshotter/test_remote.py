@@ -19,7 +19,7 @@ import pytest
 
 from lazyd.api.client import Client
 from lazyd.proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
-from lazyd.snapshotter.overlay import is_mountpoint, unmount_below
+from lazyd.mounttable import is_mounted as is_mountpoint, unmount_below
 from tests.snapshotter.conftest import SnapshotterProc, _teardown, make_snapshotter
 from tests.support.containerd import Containerd, ContainerdError, start_containerd
 from tests.support.images import build_busybox, push
