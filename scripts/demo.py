@@ -88,7 +88,7 @@ def main() -> int:
         plain = push(f"oci:{layout}:latest", upstream, "demo/python:plain")
         sock = work / "lazyd.sock"
         lazyd = Proc(["lazyd", "serve", "--root", str(work / "lazyd"), "--socket", str(sock)], work / "lazyd.log")
-        stack.callback(lambda: subprocess.run(["lazyctl", "--socket", str(sock), "shutdown"], capture_output=True))
+        stack.callback(lambda: subprocess.run(["lazyctl", "shutdown", "--socket", str(sock)], capture_output=True))
         wait_until(lambda: sock.exists() or not lazyd.alive(), 20, "lazyd serve socket")
         snap_sock = work / "snapshotter.sock"
         snapshotter = Proc(
@@ -125,7 +125,7 @@ def main() -> int:
         lrun_s, lrun_out = timed_ctr(containerd, "run", "--rm", "--snapshotter", "lazyd", esgz_ref,
                                      "demo-lazy", *hello)
         print(lrun_out.strip())
-        status = json.loads(sh("lazyctl", "--socket", str(sock), "status", "--json"))
+        status = json.loads(sh("lazyctl", "status", "--socket", str(sock), "--json"))
 
         fetched = sum(m.get("fetched_bytes", 0) for m in status.get("mounts", []))
         layer_total = sum(m.get("layer_size", 0) for m in status.get("mounts", []))

@@ -11,6 +11,8 @@ the cache persists across restarts.
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +85,32 @@ class ChunkStore:
         with handle:
             handle.seek(offset)
             return handle.read(size)
+
+    def peek(self, key: ChunkKey) -> bytes | None:
+        """The whole chunk like ``get``, but read-only: its LRU recency is not updated.
+
+        ``get`` updates the access time in a write transaction on every hit, which
+        serialises readers across processes; hot read paths use ``peek`` and
+        report use in batches with ``touch``.
+        """
+        rows = self._cache._sql(  # noqa: SLF001 - read-only query of diskcache's table
+            "SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
+            " AND (expire_time IS NULL OR expire_time > ?)", (key.encode(), time.time())
+        ).fetchall()
+        if not rows:
+            return None
+        try:
+            return bytes(self._cache._disk.fetch(*rows[0], False))  # noqa: SLF001
+        except OSError:  # evicted between the query and the read
+            return None
+
+    def touch(self, keys: Iterable[ChunkKey]) -> None:
+        """Mark stored chunks as just used (for LRU eviction), in one transaction."""
+        now = time.time()
+        with self._cache.transact():
+            for key in keys:
+                self._cache._sql(  # noqa: SLF001 - what diskcache's get does for this policy
+                    "UPDATE Cache SET access_time = ? WHERE key = ? AND raw = 1", (now, key.encode()))
 
     def put(self, key: ChunkKey, data: bytes) -> None:
         """Store a verified chunk (callers check the digest first)."""

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 CACHE_TIMEOUT = 3600.0
 _SLOT_SHIFT = 32
 _LOCAL_MASK = (1 << _SLOT_SHIFT) - 1
+# Built attributes kept per inode (they never change); the whole cache is dropped when full.
+_ATTR_CACHE_ENTRIES = 1 << 16
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 
@@ -61,6 +63,7 @@ class LazyFS(llfuse.Operations):
         self._negative = llfuse.EntryAttributes()
         self._negative.st_ino = 0
         self._negative.entry_timeout = CACHE_TIMEOUT
+        self._attrs: dict[int, llfuse.EntryAttributes] = {}
 
     # -- layer management (callers hold llfuse.lock) -------------------------
 
@@ -76,6 +79,7 @@ class LazyFS(llfuse.Operations):
     def remove_layer(self, mount_id: str) -> Layer:
         layer = self._by_name.pop(mount_id.encode())
         del self._layers[layer.slot]
+        self._attrs.clear()
         self.reader.lru.drop_layer(layer.layer_digest)
         try:
             llfuse.invalidate_entry(llfuse.ROOT_INODE, mount_id.encode())
@@ -93,6 +97,17 @@ class LazyFS(llfuse.Operations):
         return layer, local
 
     def _entry(self, ino: int) -> llfuse.EntryAttributes:
+        e = self._attrs.get(ino)
+        if e is not None:
+            return e
+        e = self._build_entry(ino)
+        if ino != llfuse.ROOT_INODE:  # the root's link count changes with its layers
+            if len(self._attrs) >= _ATTR_CACHE_ENTRIES:
+                self._attrs.clear()
+            self._attrs[ino] = e
+        return e
+
+    def _build_entry(self, ino: int) -> llfuse.EntryAttributes:
         e = llfuse.EntryAttributes()
         e.st_ino = ino
         e.generation = 0

@@ -5,13 +5,17 @@ small in-process LRU of decompressed chunks, else from the shared ``ChunkStore``
 else the fetcher is asked (``fetch`` op) to fetch, verify and store it.  Misses
 are single-flight: concurrent reads of one missing chunk make one request.
 Blocking waits run inside ``unlocked()`` (``llfuse.lock_released`` in the
-filesystem) so other FUSE requests proceed meanwhile.
+filesystem) so other FUSE requests proceed meanwhile.  Store hits are read-only
+(``ChunkStore.peek``: no write transaction per hit); their use is reported to the
+store's LRU in batches (``ChunkStore.touch``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +25,8 @@ from dataclasses import dataclass, field
 from lazyd.cache.store import ChunkKey, ChunkStore
 from lazyd.fuse.fetchconn import FetchError, FetcherConnection
 from lazyd.fuse.inodes import ChunkRef, InodeTable
+
+log = logging.getLogger(__name__)
 
 
 class ChunkUnavailable(Exception):
@@ -54,6 +60,10 @@ _LRU_MIN_SIZE = 128 * 1024
 # How far past a chunk loaded for a read the reader loads ahead from the store, and with how many threads.
 _READAHEAD_BYTES = 8 << 20
 _READAHEAD_THREADS = 2
+# Chunks read from the store are reported to its LRU in batches: once this many are queued,
+# or at the first read this long after the previous batch (and on close).
+_TOUCH_BATCH = 256
+_TOUCH_SECONDS = 1.0
 
 
 class ChunkLRU:
@@ -114,10 +124,14 @@ class ChunkReader:
         if readahead:
             self._readahead = ThreadPoolExecutor(max_workers=_READAHEAD_THREADS, thread_name_prefix="chunk-readahead")
         self._prefetched: set[ChunkKey] = set()
+        self._used: list[ChunkKey] = []
+        self._used_lock = threading.Lock()
+        self._used_since = time.monotonic()
 
     def close(self) -> None:
         if self._readahead is not None:
             self._readahead.shutdown(wait=True, cancel_futures=True)
+        self._touch(self._take_used())
 
     def read(self, layer: str, table: InodeTable, ino: int, offset: int, size: int,
              counters: MountCounters) -> bytes | memoryview:
@@ -189,6 +203,9 @@ class ChunkReader:
 
     def _load(self, key: ChunkKey, ref: ChunkRef, background: bool = False) -> bytes | None:
         """The chunk from the store into the LRU (single-flight), or None when it is not stored."""
+        if not background and ref.size < _UNLOCK_SIZE:
+            # Read without yielding the llfuse lock, so no other read can be waiting on it.
+            return self._from_store(key, ref)
         with self._loads_lock:
             flight = self._loads.get(key)
             mine = flight is None
@@ -219,15 +236,47 @@ class ChunkReader:
         return flight.data
 
     def _from_store(self, key: ChunkKey, ref: ChunkRef) -> bytes | None:
-        data = self.store.get(key)
+        data = self.store.peek(key)
         if data is None:
             return None
+        self._note_used(key)
         if len(data) != ref.size:
             raise ChunkUnavailable(f"stored chunk at blob offset {key.blob_offset} of {key.layer} has "
                                    f"{len(data)} bytes, the TOC says {ref.size}")
         if len(data) > _LRU_MIN_SIZE:
             self.lru.put(key, data)
         return data
+
+    def _note_used(self, key: ChunkKey) -> None:
+        """Queue ``key`` for the store's LRU; a full or old batch is written in the background."""
+        with self._used_lock:
+            self._used.append(key)
+            due = len(self._used) >= _TOUCH_BATCH or time.monotonic() - self._used_since >= _TOUCH_SECONDS
+        if not due:
+            return
+        batch = self._take_used()
+        if self._readahead is None:
+            self._touch(batch)
+            return
+        try:
+            self._readahead.submit(self._touch, batch)
+        except RuntimeError:  # shutting down
+            self._touch(batch)
+
+    def _take_used(self) -> list[ChunkKey]:
+        with self._used_lock:
+            batch, self._used = self._used, []
+            self._used_since = time.monotonic()
+        return batch
+
+    def _touch(self, keys: list[ChunkKey]) -> None:
+        if not keys:
+            return
+        try:
+            self.store.touch(keys)
+        except Exception as exc:  # noqa: BLE001 - recency is advisory; reads must not fail over it
+            log.debug("updating LRU recency of %d chunks failed: %s", len(keys), exc)
+
     def _fetch(self, layer: str, keys: list[ChunkKey]) -> None:
         """Have the fetcher store ``keys``; one request per chunk across concurrent callers."""
         mine: list[tuple[ChunkKey, _Flight]] = []

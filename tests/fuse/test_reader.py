@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lazyd.cache.store import ChunkStore
+from lazyd.cache.store import ChunkKey, ChunkStore
 from lazyd.fuse.fetchconn import FetchError, FetcherConnection
 from lazyd.fuse.inodes import OPAQUE_XATTR, ROOT, InodeTable
 from lazyd.fuse.reader import ChunkReader, ChunkUnavailable, MountCounters
@@ -157,3 +157,19 @@ def _catch(errors: list[BaseException], fn, *args) -> None:  # type: ignore[no-u
         fn(*args)
     except BaseException as exc:  # noqa: BLE001
         errors.append(exc)
+
+
+def test_reads_report_use_to_the_store_lru(served: tuple[ChunkReader, LocalFetcher, FetcherConnection],
+                                           layer: BuiltLayer) -> None:
+    reader, _, _ = served
+    table = InodeTable.from_toc(layer.local.toc)
+    ino = _path(table, "many/f0299")
+    ref = table.chunks(ino, 0, 1)[0]
+    key = ChunkKey(layer.digest, ref.blob_offset, ref.inner_offset).encode()
+    first = bytes(reader.read(layer.digest, table, ino, 0, 100, MountCounters()))  # fetched and stored
+    time.sleep(0.05)
+    since = time.time()
+    assert bytes(reader.read(layer.digest, table, ino, 0, 100, MountCounters())) == first  # from the store
+    reader.close()  # writes the pending batch
+    row = reader.store._cache._sql("SELECT access_time FROM Cache WHERE key = ?", (key,)).fetchone()  # noqa: SLF001
+    assert row is not None and row[0] >= since

@@ -79,7 +79,7 @@ def build_busybox(layout: Path, tag: str = "latest", *, with_deletions: bool = F
     """Build the busybox image into the OCI layout ``layout``; returns ``oci:DIR:TAG``.
 
     With ``with_deletions`` a second layer removes ``/etc/group`` and some applets
-    (whiteouts), replaces ``/var/log`` wholesale (opaque directory), and adds files
+    (whiteouts), replaces ``/var/log`` (umoci writes this as per-file whiteouts, not an opaque marker), and adds files
     with xattrs, a hardlink, a fifo and an empty file.
     """
     bundle = layout.parent / f".bundle-{tag}"
