@@ -74,9 +74,9 @@ def main() -> int:
         work = Path(tempfile.mkdtemp(prefix="lazyd-demo-"))
         # A tmpfs keeps unpack timings honest on this ext4 (see platform notes).
         sh("mount", "-t", "tmpfs", "-o", "size=2g,mode=0700", "tmpfs", str(work))
-        stack.callback(lambda: subprocess.run(["umount", "-l", str(work)]) and None)
-        if not args.keep:
+        if not args.keep:  # callbacks run last-in first-out: unmount, then remove
             stack.callback(lambda: os.rmdir(work) if work.exists() else None)
+        stack.callback(lambda: subprocess.run(["umount", "-l", str(work)]) and None)
 
         step("building the debian+python3 image (cached after the first run)")
         layout = debian_python_layout()
@@ -127,15 +127,16 @@ def main() -> int:
         print(lrun_out.strip())
         status = json.loads(sh("lazyctl", "status", "--socket", str(sock), "--json"))
 
-        fetched = sum(m.get("fetched_bytes", 0) for m in status.get("mounts", []))
-        layer_total = sum(m.get("layer_size", 0) for m in status.get("mounts", []))
+        layers = {m["layer_digest"]: m["layer"] for m in status.get("mounts", [])}
+        fetched = sum(layer["fetched_bytes"] for layer in layers.values())
+        layer_total = sum(layer["layer_size"] for layer in layers.values())
         rows = [
             ("ctr pull + run (overlayfs)", f"{pull_s:.2f}", f"{run_s:.2f}", f"{pull_s + run_s:.2f}", "whole image"),
             ("lazyctl rpull + run (lazyd)", f"{rpull_s:.2f}", f"{lrun_s:.2f}", f"{rpull_s + lrun_s:.2f}",
              f"{fetched / 1e6:.1f} of {layer_total / 1e6:.1f} MB"),
         ]
         print()
-        print(f"image: debian bookworm + python3, {len(summary.get('layers', []))} layers; "
+        print(f"image: debian bookworm + python3, {len(summary['manifests'][0]['layers'])} layers; "
               f"converted to eStargz in {convert_s:.1f} s")
         widths = [30, 8, 8, 8, 20]
         header = ("client", "pull s", "run s", "total s", "fetched")
