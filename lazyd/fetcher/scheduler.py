@@ -139,6 +139,9 @@ class Scheduler:
             fut = self._inflight.get(key)
             if fut is not None:
                 others.append(fut)
+            elif self.is_stored(layer, m):
+                # Stored by a request that settled after our ``missing`` check ran in a thread.
+                continue
             else:
                 fut = loop.create_future()
                 fut.add_done_callback(_consume)
