@@ -41,6 +41,10 @@ class DaemonConfig:
     background_fetch: bool = True
     """After the prefetch, fetch the rest of each layer at the lowest priority."""
 
+    background_delay: float = 2.0
+    """Seconds without on-demand reads before each background request, so the background
+    fetch never competes with a starting container for the link."""
+
     background_batch_size: int = 4 * 1024 * 1024
     """Compressed bytes per background range request."""
 
@@ -77,6 +81,7 @@ class DaemonConfig:
             ("cache_size", self.cache_size >= 1024 * 1024, "must be at least 1048576 bytes"),
             ("prefetch_timeout", self.prefetch_timeout >= 0, "must not be negative"),
             ("background_batch_size", self.background_batch_size >= 4096, "must be at least 4096"),
+            ("background_delay", self.background_delay >= 0, "must not be negative"),
             ("max_range_size", self.max_range_size >= 4096, "must be at least 4096"),
             ("max_concurrent_requests", self.max_concurrent_requests >= 1, "must be at least 1"),
             ("fetch_timeout", self.fetch_timeout > 0, "must be positive"),

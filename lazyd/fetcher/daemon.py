@@ -386,7 +386,7 @@ class Daemon:
             size = batch[-1].blob_end - batch[0].blob_offset
             if size < self.config.background_batch_size and i + 1 < len(missing):
                 continue
-            await self.scheduler.demand_idle.wait()
+            await self.scheduler.wait_quiet(self.config.background_delay)
             try:
                 await self.scheduler.fetch(layer, batch, "background")
             except ApiError as exc:

@@ -87,8 +87,19 @@ class Scheduler:
         self._demand = 0
         self.demand_idle = asyncio.Event()
         self.demand_idle.set()
+        self.last_demand = asyncio.get_running_loop().time()  # end of the latest demand fetch
         self.fetch_requests = 0
         self.verify_errors = 0
+
+    async def wait_quiet(self, quiet: float) -> None:
+        """Return once no demand fetch is running and none has ended for ``quiet`` seconds."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.demand_idle.wait()
+            remaining = self.last_demand + quiet - loop.time()
+            if remaining <= 0 and self.demand_idle.is_set():
+                return
+            await asyncio.sleep(max(remaining, 0.01))
 
     def is_stored(self, layer: Layer, member: Member) -> bool:
         return all(self.store.has(ChunkKey(layer.digest, c.blob_offset, c.inner_offset)) for c in member.chunks)
@@ -126,6 +137,7 @@ class Scheduler:
         finally:
             if priority == "demand":
                 self._demand -= 1
+                self.last_demand = asyncio.get_running_loop().time()
                 if self._demand == 0:
                     self.demand_idle.set()
 

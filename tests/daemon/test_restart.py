@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 import tarfile
 import threading
 import time
@@ -108,6 +109,10 @@ def test_sigterm_keeps_mounts_and_restart_replaces_a_worker_that_died_meanwhile(
             mps.append(mp)
         st = c.status()
     assert {m.worker_id for m in st.mounts} == {0, 1}, "mounts are spread over the workers"
+    # Read once so the chunk is in the store, then drop the page cache so the read after
+    # SIGTERM really goes to the worker (background fetch waits for idle, so it may not have).
+    assert (mps[0] / "etc/hello.txt").read_text() == "hello from lazyd\n"
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
     d.proc.stop(signal.SIGTERM)  # stops the fetcher only
     assert all(os.path.ismount(mp) for mp in mps)
     assert (mps[0] / "etc/hello.txt").read_text() == "hello from lazyd\n"  # cached: served without a fetcher

@@ -134,3 +134,25 @@ def test_coalesce_respects_max_size() -> None:
     runs = coalesce(ms, 300)
     assert [len(r) for r in runs] == [3, 3, 3, 1, 1]
     assert [len(r) for r in coalesce(ms, None)] == [10, 1]
+
+
+def test_wait_quiet_holds_background_until_demand_has_been_idle(tmp_path: Path, busybox: EStargzImage,
+                                                                 proxy: TCPProxy) -> None:
+    async def run() -> None:
+        client, store, layer, sched = await _setup(tmp_path, busybox, proxy, 1)
+        try:
+            loop = asyncio.get_running_loop()
+            await sched.fetch(layer, layer.members[:1], "demand")  # a demand fetch just ended
+            start = loop.time()
+            waiter = asyncio.create_task(sched.wait_quiet(0.6))
+            await asyncio.sleep(0.3)
+            assert not waiter.done()
+            await sched.fetch(layer, layer.members[1:2], "demand")  # another read restarts the quiet period
+            restarted = loop.time()
+            await asyncio.wait_for(waiter, 5)
+            assert loop.time() - restarted >= 0.55 and loop.time() - start >= 0.85
+        finally:
+            await client.close()
+            store.close()
+
+    asyncio.run(run())
