@@ -33,8 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_e2e import (BenchError, lazyd_daemon, load, sh, signals_as_exit, table, tmpfs,  # noqa: E402
-                       unmount_under)
+from bench_e2e import BenchError, lazyd_daemon, load, sh, signals_as_exit, table, tmpfs  # noqa: E402
+from lazyd.mounttable import unmount_below  # noqa: E402
 from tests.support.images import debian_python_layout, push  # noqa: E402
 from tests.support.netem import throttled_proxy  # noqa: E402
 from tests.support.registry import start_registry  # noqa: E402
@@ -109,7 +109,7 @@ def run_lazyd(proxy: TCPProxy, ref: str, digest: str, names: list[str], workload
                 subprocess.run(["lazyctl", "umount", "--socket", str(sock), str(mnt)], capture_output=True,
                                timeout=60)
     finally:
-        unmount_under(root)
+        unmount_below(root)
         subprocess.run(["rm", "-rf", str(root)], capture_output=True)
     return Result(way, workload, setup, read, down, ranges, ld)
 

@@ -38,8 +38,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lazyd.mounttable import unmount_below  # noqa: E402
 from tests.support.containerd import Containerd, start_containerd  # noqa: E402
 from tests.support.images import debian_python_layout, push  # noqa: E402
+from tests.support.lazyd import start_lazyd  # noqa: E402
 from tests.support.netem import throttled_proxy  # noqa: E402
 from tests.support.procs import Proc, wait_until  # noqa: E402
 from tests.support.registry import Registry, start_registry  # noqa: E402
@@ -69,15 +71,6 @@ def load() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
-def unmount_under(root: Path) -> None:
-    """Lazily unmount everything mounted below ``root``, deepest first."""
-    prefix = str(root.resolve()) + "/"
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
-    for point in sorted({p for p in points if p.startswith(prefix)}, key=len, reverse=True):
-        subprocess.run(["umount", "-l", point], capture_output=True)
-
-
 @contextmanager
 def tmpfs(size: str = "6g") -> Iterator[Path]:
     """A fresh tmpfs mounted on a temp dir (ext4 here makes unpack timings swing 2-4x)."""
@@ -86,8 +79,7 @@ def tmpfs(size: str = "6g") -> Iterator[Path]:
     try:
         yield path
     finally:
-        unmount_under(path)
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+        unmount_below(path)  # the tmpfs itself and anything left mounted in it
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -107,50 +99,20 @@ def signals_as_exit() -> Iterator[None]:
 # --- daemons ---------------------------------------------------------------------------------
 
 
-def _kill_lazyd_workers(lazyd_root: Path) -> None:
-    """FUSE workers run in their own sessions by design; stop the ones under ``lazyd_root``."""
-    for state in lazyd_root.glob("workers/*/worker.json"):
-        try:
-            pid = int(json.loads(state.read_text()).get("pid", 0))
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        except (ValueError, OSError):
-            continue
-        if pid > 0 and "lazyd.fuse.worker" in cmdline and str(lazyd_root) in cmdline:
-            os.kill(pid, signal.SIGTERM)
-            try:
-                wait_until(lambda: not Path(f"/proc/{pid}").exists()
-                           or "State:\tZ" in Path(f"/proc/{pid}/status").read_text(), 10, f"worker {pid}")
-            except (TimeoutError, OSError):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-
-
 @contextmanager
 def lazyd_daemon(root: Path, settings: dict[str, str] | None = None) -> Iterator[Path]:
     """``lazyd serve`` with its state under ``root`` and top-level config ``settings`` (TOML values)."""
     root.mkdir(parents=True, exist_ok=True)
-    sock = root / "lazyd.sock"
     config = root / "lazyd.toml"
     config.write_text("".join(f"{k} = {v}\n" for k, v in (settings or {}).items()))
-    proc = Proc(["lazyd", "serve", "--config", str(config), "--root", str(root / "state"), "--socket", str(sock)],
-                root / "lazyd.log")
     try:
-        wait_until(lambda: sock.exists() or not proc.alive(), 30, "lazyd serve socket")
-        if not proc.alive():
-            raise BenchError(f"lazyd serve exited:\n{proc.log_text()[-3000:]}")
-        yield sock
+        daemon = start_lazyd(root / "state", root / "lazyd.sock", root / "lazyd.log", config=config)
+    except RuntimeError as err:
+        raise BenchError(str(err)) from None
+    try:
+        yield daemon.socket
     finally:
-        if proc.alive():
-            subprocess.run(["lazyctl", "shutdown", "--socket", str(sock)], capture_output=True, timeout=30)
-            try:
-                wait_until(lambda: not proc.alive(), 20, "lazyd serve to exit")
-            except TimeoutError:
-                pass
-        proc.stop()
-        _kill_lazyd_workers(root / "state")
-        unmount_under(root)
+        daemon.close(unmount=root)
 
 
 @contextmanager
@@ -183,7 +145,7 @@ def stargz_stack(root: Path) -> Iterator[Containerd]:
 
         def stop() -> None:
             proc.stop()
-            unmount_under(root)
+            unmount_below(root)
         stack.callback(stop)
         wait_until(lambda: sock.exists() or not proc.alive(), 30, "containerd-stargz-grpc socket")
         if not proc.alive():
@@ -463,7 +425,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=1, help="runs of every client per link (alternated)")
     ap.add_argument("--clients", default="baseline,stargz,stargz-prio,lazyd,lazyd-prio",
                     help="comma-separated subset of baseline,stargz,stargz-prio,lazyd,lazyd-prio,"
-                         "lazyd-nobg,lazyd-prio-nobg (background_fetch = false),lazyd-on-stargz,stargz-on-lazyd")
+                         "lazyd-nobg,lazyd-prio-nobg (background_fetch = false),lazyd-prio-wait "
+                         "(prefetch_wait = true),lazyd-on-stargz,stargz-on-lazyd")
     ap.add_argument("--skip-optimize", action="store_true", help="do not try `ctr-remote image optimize`")
     ap.add_argument("--json", type=Path, help="also write every run as JSON here")
     args = ap.parse_args()
@@ -491,6 +454,7 @@ def main() -> int:
             "lazyd-prio": ("lazyd", "lazyd-prio", imgs.lazyd_prio, None),
             "lazyd-nobg": ("lazyd", "lazyd", imgs.lazyd, nobg),
             "lazyd-prio-nobg": ("lazyd", "lazyd-prio", imgs.lazyd_prio, nobg),
+            "lazyd-prio-wait": ("lazyd", "lazyd-prio", imgs.lazyd_prio, {"prefetch_wait": "true"}),
             "lazyd-on-stargz": ("lazyd", "stargz", imgs.stargz, None),
             "stargz-on-lazyd": ("stargz", "lazyd", imgs.lazyd, None),
         }

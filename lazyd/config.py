@@ -32,8 +32,10 @@ class DaemonConfig:
     prefetch: bool = True
     """On mount, fetch everything before ``.prefetch.landmark`` in one request."""
 
-    prefetch_wait: bool = True
-    """Default for a mount's ``prefetch_wait``: the mount reply waits for the prefetch."""
+    prefetch_wait: bool = False
+    """Default for a mount's ``prefetch_wait``: the mount reply waits for the prefetch.  Off by
+    default: the prefetch is streamed, so reads wait only for their own members, and the
+    prefetch overlaps with the rest of the pull and with creating the container."""
 
     prefetch_timeout: float = 10.0
     """Longest a mount waits for its prefetch (the prefetch itself continues)."""
@@ -42,8 +44,8 @@ class DaemonConfig:
     """After the prefetch, fetch the rest of each layer at the lowest priority."""
 
     background_delay: float = 2.0
-    """Seconds without on-demand reads before each background request, so the background
-    fetch never competes with a starting container for the link."""
+    """Seconds without mounts, on-demand or prefetch fetches before each background request,
+    so the background fetch never competes with a starting container for the link."""
 
     background_batch_size: int = 4 * 1024 * 1024
     """Compressed bytes per background range request."""

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lazyd.api.client import DEFAULT_SOCKET, Client
-from lazyd.api.messages import ApiError, StatusResult
+from lazyd.cli.lazyctl import DEFAULT_SOCKET
 from lazyd.cli.output import fail, human_bytes, print_json, print_table
+
+if TYPE_CHECKING:
+    from lazyd.api.client import Client
+    from lazyd.api.messages import StatusResult
 
 
 def _socket_arg(p: argparse.ArgumentParser) -> None:
@@ -56,6 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
 
 
 def _call(args: argparse.Namespace, fn: Any) -> int:
+    from lazyd.api.client import Client
+    from lazyd.api.messages import ApiError
+
     try:
         with Client(args.socket, timeout=300.0, connect_timeout=2.0) as client:
             return int(fn(client) or 0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import sys
 from pathlib import Path
@@ -45,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
 
 
 def _convert(args: argparse.Namespace) -> int:
+    import asyncio
+
     from lazyd.convert import ConvertError, ConvertOptions
     from lazyd.registry import Reference, RegistryConfig, RegistryError
 

@@ -7,10 +7,12 @@ import os
 import stat
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lazyd.cli.output import fail, human_bytes, print_json, print_table, progress
-from lazyd.estargz import BuildOptions, EStargzError, TOCEntry, build, open_file
-from lazyd.estargz.verify import verify_blob
+
+if TYPE_CHECKING:
+    from lazyd.estargz import TOCEntry
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
@@ -24,9 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
     conv.add_argument("output", metavar="OUT")
     conv.add_argument("--prioritized", metavar="FILE",
                       help="file listing paths to place first (one per line), then .prefetch.landmark")
-    conv.add_argument("--chunk-size", type=int, default=BuildOptions.chunk_size, metavar="N",
+    conv.add_argument("--chunk-size", type=int, default=None, metavar="N",
                       help="payload chunk size in bytes (default 4 MiB)")
-    conv.add_argument("--level", type=int, default=BuildOptions.level, metavar="N",
+    conv.add_argument("--level", type=int, default=None, metavar="N",
                       help="gzip compression level 0-9 (default 9)")
     conv.add_argument("--json", action="store_true", help="print the result as JSON")
     conv.set_defaults(func=_convert)
@@ -47,6 +49,8 @@ def _read_prioritized(path: str) -> list[str]:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from lazyd.estargz import BuildOptions, EStargzError, build
+
     try:
         prioritized = _read_prioritized(args.prioritized) if args.prioritized else []
         with open(args.input, "rb") as f:
@@ -55,8 +59,10 @@ def _convert(args: argparse.Namespace) -> int:
     except OSError as exc:
         return fail(f"layer convert: {exc}")
     with progress(total, "convert", enabled=not args.json) as bar:
-        opts = BuildOptions(chunk_size=args.chunk_size, level=args.level, prioritized=prioritized,
-                            progress=bar.update)
+        defaults = BuildOptions()
+        opts = BuildOptions(chunk_size=defaults.chunk_size if args.chunk_size is None else args.chunk_size,
+                            level=defaults.level if args.level is None else args.level,
+                            prioritized=prioritized, progress=bar.update)
         try:
             result = build(args.input, args.output, opts)
         except (EStargzError, OSError) as exc:
@@ -93,6 +99,9 @@ def _entry_json(e: TOCEntry) -> dict[str, object]:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from lazyd.estargz import EStargzError, open_file
+    from lazyd.estargz.verify import verify_blob
+
     if args.extract is not None and (args.list or args.json):
         return fail("layer inspect: --extract writes raw bytes and cannot be combined with --list or --json", 2)
     try:

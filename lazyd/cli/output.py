@@ -1,7 +1,8 @@
 """Output helpers shared by the command-line tools: tables, JSON and progress bars.
 
 Human output is a table; ``--json`` output is one JSON document for scripts.
-Progress bars appear only when stderr is a terminal and ``--json`` is off.
+Progress bars appear only when stderr is a terminal and ``--json`` is off (only then is
+tqdm imported).
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol, TextIO
-
-from tqdm import tqdm
 
 
 def print_json(value: Any, stream: TextIO | None = None) -> None:
@@ -66,6 +65,8 @@ def progress(total: int | None, desc: str, *, enabled: bool = True, unit: str = 
     if not enabled or not sys.stderr.isatty():
         yield _Quiet()
         return
+    from tqdm import tqdm
+
     bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False)
     try:
         yield bar

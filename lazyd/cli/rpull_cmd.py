@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import os
 import sys
@@ -12,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from lazyd.cli.lazyctl import DEFAULT_SOCKET
 from lazyd.cli.output import fail, human_bytes, print_json, print_table, progress
-from lazyd.containerd.client import DEFAULT_ADDRESS, DEFAULT_NAMESPACE
+from lazyd.containerd import DEFAULT_ADDRESS, DEFAULT_NAMESPACE
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -87,6 +86,8 @@ def _lazyd_reasons(socket_path: str) -> "Callable[[str], Awaitable[str | None]]"
         return max(found, key=lambda f: f.time).reason if found else None
 
     async def lookup(layer_digest: str) -> str | None:
+        import asyncio
+
         return await asyncio.to_thread(ask, layer_digest)
 
     return lookup
@@ -111,6 +112,8 @@ async def _pull(args: argparse.Namespace, observer: _BarObserver) -> "PullResult
 
 
 def run(args: argparse.Namespace) -> int:
+    import asyncio
+
     from lazyd.containerd.errors import ContainerdError
     from lazyd.containerd.pull import PullError
     from lazyd.registry.errors import RegistryError

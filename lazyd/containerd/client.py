@@ -20,31 +20,25 @@ from pathlib import Path
 import grpc
 from google.protobuf import field_mask_pb2
 
+from lazyd.registry.types import Descriptor  # the one OCI descriptor type, shared with the registry client
+
+from . import DEFAULT_ADDRESS, DEFAULT_NAMESPACE
 from . import _proto as pb
 from .errors import AlreadyExistsError, ContainerdError, NotFoundError, from_rpc
 
-DEFAULT_ADDRESS = "/run/containerd/containerd.sock"
-DEFAULT_NAMESPACE = "default"
+__all__ = ["DEFAULT_ADDRESS", "DEFAULT_NAMESPACE", "ContainerdClient", "ContentInfo", "Descriptor", "ImageRecord",
+           "IngestStatus", "Mount", "SnapshotInfo", "WRITE_CHUNK"]
+
 WRITE_CHUNK = 1 << 20  # containerd's own client copies in 1 MiB pieces
 
 
-@dataclass(frozen=True)
-class Descriptor:
-    """An OCI content descriptor (containerd.types.Descriptor)."""
+def _desc_to_pb(d: Descriptor) -> pb.types.Descriptor:
+    """containerd.types.Descriptor (it has no urls or platform)."""
+    return pb.types.Descriptor(media_type=d.media_type, digest=d.digest, size=d.size, annotations=dict(d.annotations))
 
-    media_type: str
-    digest: str
-    size: int
-    annotations: dict[str, str] = field(default_factory=dict)
 
-    def to_pb(self) -> pb.types.Descriptor:
-        return pb.types.Descriptor(
-            media_type=self.media_type, digest=self.digest, size=self.size, annotations=dict(self.annotations)
-        )
-
-    @classmethod
-    def from_pb(cls, d: pb.types.Descriptor) -> "Descriptor":
-        return cls(media_type=d.media_type, digest=d.digest, size=d.size, annotations=dict(d.annotations))
+def _desc_from_pb(d: pb.types.Descriptor) -> Descriptor:
+    return Descriptor(media_type=d.media_type, digest=d.digest, size=d.size, annotations=dict(d.annotations))
 
 
 @dataclass(frozen=True)
@@ -284,11 +278,11 @@ class ContainerdClient:
     async def get_image(self, name: str) -> ImageRecord:
         resp = await self._call(f"image get {name}", self._images.Get, pb.images.GetImageRequest(name=name))
         img = resp.image
-        return ImageRecord(name=img.name, target=Descriptor.from_pb(img.target), labels=dict(img.labels))
+        return ImageRecord(name=img.name, target=_desc_from_pb(img.target), labels=dict(img.labels))
 
     async def put_image(self, record: ImageRecord) -> ImageRecord:
         """Create the image record, or update its target and labels when it exists (containerd's client does so)."""
-        img = pb.images.Image(name=record.name, labels=dict(record.labels), target=record.target.to_pb())
+        img = pb.images.Image(name=record.name, labels=dict(record.labels), target=_desc_to_pb(record.target))
         try:
             resp = await self._call(f"image create {record.name}", self._images.Create,
                                     pb.images.CreateImageRequest(image=img))
@@ -296,7 +290,7 @@ class ContainerdClient:
             resp = await self._call(f"image update {record.name}", self._images.Update,
                                     pb.images.UpdateImageRequest(image=img))
         out = resp.image
-        return ImageRecord(name=out.name, target=Descriptor.from_pb(out.target), labels=dict(out.labels))
+        return ImageRecord(name=out.name, target=_desc_from_pb(out.target), labels=dict(out.labels))
 
     async def delete_image(self, name: str) -> None:
         await self._call(f"image delete {name}", self._images.Delete, pb.images.DeleteImageRequest(name=name, sync=True))
@@ -354,9 +348,9 @@ class ContainerdClient:
 
     async def apply(self, layer: Descriptor, mounts: list[Mount], timeout: float = 600.0) -> Descriptor:
         """Apply a layer blob from the content store onto ``mounts``; returns the uncompressed (diffID) descriptor."""
-        req = pb.diff.ApplyRequest(diff=layer.to_pb(), mounts=[m.to_pb() for m in mounts])
+        req = pb.diff.ApplyRequest(diff=_desc_to_pb(layer), mounts=[m.to_pb() for m in mounts])
         resp = await self._call(f"diff apply {layer.digest}", self._diff.Apply, req, timeout=timeout)
-        return Descriptor.from_pb(resp.applied)
+        return _desc_from_pb(resp.applied)
 
 
 async def _chunks(data: bytes) -> AsyncIterator[bytes]:

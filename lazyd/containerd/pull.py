@@ -2,7 +2,8 @@
 
 1. Resolve the manifest with the registry client.
 2. Under a lease, write index, manifest and config into containerd's content store with
-   the gc labels containerd's own pull sets.
+   the gc labels containerd's own pull sets (concurrently with step 3: the lease protects
+   both, and nothing in the snapshot chain needs them).
 3. Build the snapshot chain through containerd's snapshot service, layer by layer, with
    the remote labels stargz-snapshotter understands. ``ALREADY_EXISTS`` on Prepare means
    the snapshotter mounted the layer lazily. Otherwise (fallback) the layer blob is fetched
@@ -29,10 +30,10 @@ from typing import Any, Protocol
 
 from lazyd.registry import RegistryClient
 from lazyd.registry.reference import Reference
-from lazyd.registry.types import Descriptor as RegDescriptor, Image
+from lazyd.registry.types import Descriptor, Image
 
 from . import labels as L
-from .client import ContainerdClient, Descriptor, ImageRecord, WRITE_CHUNK
+from .client import WRITE_CHUNK, ContainerdClient, ImageRecord
 from .errors import AlreadyExistsError, ContainerdError, NotFoundError
 
 TOC_DIGEST_ANNOTATION = L.STARGZ_TOC_DIGEST
@@ -81,7 +82,7 @@ class PullObserver(Protocol):
     """Progress callbacks (the CLI draws its bar from these)."""
 
     def resolved(self, image: Image) -> None: ...
-    def layer_started(self, index: int, desc: RegDescriptor) -> None: ...
+    def layer_started(self, index: int, desc: Descriptor) -> None: ...
     def fetched(self, nbytes: int) -> None: ...
     def layer_done(self, result: LayerResult) -> None: ...
 
@@ -90,7 +91,7 @@ class _NoObserver:
     def resolved(self, image: Image) -> None:
         pass
 
-    def layer_started(self, index: int, desc: RegDescriptor) -> None:
+    def layer_started(self, index: int, desc: Descriptor) -> None:
         pass
 
     def fetched(self, nbytes: int) -> None:
@@ -150,7 +151,7 @@ class RemotePuller:
                             manifest_digest=image.manifest_digest, config_digest=image.config_digest,
                             snapshotter=self.snapshotter, chain_id=chain[-1] if chain else "")
         async with self.containerd.lease():
-            target = await self._write_metadata(image)
+            metadata = asyncio.create_task(self._write_metadata(image))
             parent = ""
             try:
                 for i, desc in enumerate(layers):
@@ -159,10 +160,12 @@ class RemotePuller:
                     result.layers.append(layer)
                     self.observer.layer_done(layer)
                     parent = chain[i]
+                target = await metadata
             finally:
-                for task in self._downloads.values():
+                pending = [metadata, *self._downloads.values()]
+                for task in pending:
                     task.cancel()
-                await asyncio.gather(*self._downloads.values(), return_exceptions=True)
+                await asyncio.gather(*pending, return_exceptions=True)
                 self._downloads.clear()
             if chain:
                 await self.containerd.content_update_labels(
@@ -173,12 +176,14 @@ class RemotePuller:
         return result
 
     async def _write_metadata(self, image: Image) -> Descriptor:
-        """Write config, manifest and (when there is one) index, each with containerd's labels."""
+        """Write config, manifest and (when there is one) index at once, each with containerd's labels.
+
+        Returns the image's target: the index, or else the manifest.
+        """
         ref = image.ref
-        if not image.manifest_bytes or not image.config_bytes:
-            raise PullError(f"{ref}: the registry client returned no raw manifest/config bytes")
+        if not image.manifest_bytes or not image.config_bytes or (image.index_digest and not image.index_bytes):
+            raise PullError(f"{ref}: the registry client returned no raw index/manifest/config bytes")
         config = Descriptor(image.config_media_type, image.config_digest, len(image.config_bytes))
-        await self._write_small("config", config, image.config_bytes, {}, ref)
         manifest_labels = {L.GC_REF_CONFIG: image.config_digest}
         n = 0
         for d in image.layers:
@@ -186,16 +191,17 @@ class RemotePuller:
                 manifest_labels[f"{L.GC_REF_LAYER_PREFIX}{n}"] = d.digest
                 n += 1
         manifest = Descriptor(image.manifest_media_type, image.manifest_digest, len(image.manifest_bytes))
-        await self._write_small("manifest", manifest, image.manifest_bytes, manifest_labels, ref)
-        if not image.index_digest:
-            return manifest
-        index_bytes, media, _ = await self.registry.get_manifest(ref, image.index_digest)
-        index_labels: dict[str, str] = {}
-        for i, child in enumerate(json.loads(index_bytes).get("manifests") or []):
-            index_labels[f"{L.GC_REF_MANIFEST_PREFIX}{i}"] = str(child.get("digest"))
-        index = Descriptor(media, image.index_digest, len(index_bytes))
-        await self._write_small("index", index, index_bytes, index_labels, ref)
-        return index
+        writes = [self._write_small("config", config, image.config_bytes, {}, ref),
+                  self._write_small("manifest", manifest, image.manifest_bytes, manifest_labels, ref)]
+        target = manifest
+        if image.index_digest:
+            index_labels: dict[str, str] = {}
+            for i, child in enumerate(json.loads(image.index_bytes).get("manifests") or []):
+                index_labels[f"{L.GC_REF_MANIFEST_PREFIX}{i}"] = str(child.get("digest"))
+            target = Descriptor(image.index_media_type or "", image.index_digest, len(image.index_bytes))
+            writes.append(self._write_small("index", target, image.index_bytes, index_labels, ref))
+        await asyncio.gather(*writes)
+        return target
 
     async def _write_small(self, kind: str, desc: Descriptor, data: bytes, labels: dict[str, str],
                            ref: Reference) -> None:
@@ -210,7 +216,7 @@ class RemotePuller:
         merged[src_key] = L.distribution_source(ref.registry, ref.repository, existing)[1]
         await self.containerd.write_content(_ingest_ref(kind, desc.digest), desc, data, merged)
 
-    async def _unpack_layer(self, image: Image, i: int, desc: RegDescriptor, layers: list[RegDescriptor],
+    async def _unpack_layer(self, image: Image, i: int, desc: Descriptor, layers: list[Descriptor],
                             diff_id: str, chain_id: str, parent: str, result: PullResult) -> LayerResult:
         started = time.monotonic()
         out = LayerResult(index=i, digest=desc.digest, size=desc.size, chain_id=chain_id, mode="present")
@@ -246,8 +252,7 @@ class RemotePuller:
             out.reason = await self._fallback_reason(desc)
             self._start_downloads(image, desc, layers[i + 1:])
             result.bytes_fetched += await self._downloads.pop(desc.digest)
-            applied = await cd.apply(Descriptor(desc.media_type, desc.digest, desc.size, dict(desc.annotations)),
-                                     mounts)
+            applied = await cd.apply(desc, mounts)
             if applied.digest != diff_id:
                 raise PullError(f"layer {i} ({desc.digest}): applied diff is {applied.digest}, "
                                 f"the image config says {diff_id}")
@@ -265,7 +270,7 @@ class RemotePuller:
         out.seconds = time.monotonic() - started
         return out
 
-    def _start_downloads(self, image: Image, desc: RegDescriptor, above: list[RegDescriptor]) -> None:
+    def _start_downloads(self, image: Image, desc: Descriptor, above: list[Descriptor]) -> None:
         """Download ``desc`` now, and the non-eStargz layers above it meanwhile (they will fall back too).
 
         containerd's unpacker likewise fetches the remaining layers in parallel once one needs fetching.
@@ -274,7 +279,7 @@ class RemotePuller:
             if d.digest not in self._downloads:
                 self._downloads[d.digest] = asyncio.create_task(self._fetch_layer(image, d))
 
-    async def _fallback_reason(self, desc: RegDescriptor) -> str:
+    async def _fallback_reason(self, desc: Descriptor) -> str:
         """Why the snapshotter handed back a normal snapshot for this layer."""
         if TOC_DIGEST_ANNOTATION not in desc.annotations:
             return f"not eStargz: the layer has no {TOC_DIGEST_ANNOTATION} annotation"
@@ -282,7 +287,7 @@ class RemotePuller:
         detail = await self.fallback_reasons(desc.digest) if self.fallback_reasons else None
         return f"{reason}: {detail}" if detail else f"{reason} (see its log)"
 
-    async def _fetch_layer(self, image: Image, desc: RegDescriptor) -> int:
+    async def _fetch_layer(self, image: Image, desc: Descriptor) -> int:
         """Put the layer blob into containerd's content store; returns the bytes downloaded."""
         cd = self.containerd
         src_key, src_val = L.distribution_source(image.ref.registry, image.ref.repository)
@@ -298,7 +303,5 @@ class RemotePuller:
             path = Path(tmp) / "blob"
             await self.registry.fetch_blob(image.ref, desc.digest, str(path), progress=self.observer.fetched)
             size = os.path.getsize(path)
-            await cd.write_content(_ingest_ref("layer", desc.digest),
-                                   Descriptor(desc.media_type, desc.digest, desc.size),
-                                   _file_chunks(path), {src_key: src_val})
+            await cd.write_content(_ingest_ref("layer", desc.digest), desc, _file_chunks(path), {src_key: src_val})
         return size

@@ -311,6 +311,7 @@ class Daemon:
         await self.scheduler.fetch(layer, members.values(), args.priority)
 
     async def op_mount(self, args: MountArgs) -> MountResult:
+        self.scheduler.note_activity()  # a container is starting: hold background fetch back
         try:
             ref = Reference.parse(args.ref)
         except (InvalidReferenceError, ValueError) as exc:
@@ -450,13 +451,8 @@ class Daemon:
     def _layer_stats(self, layer: Layer | None) -> LayerStats:
         if layer is None:
             return LayerStats()
-        c = layer.counters
         _, cached = self.store.layer_usage(layer.digest)
-        return LayerStats(layer_size=layer.meta.blob_size, fetched_bytes=c.fetched_bytes, cached_bytes=cached,
-                          demand_bytes=c.demand_bytes, prefetch_bytes=c.prefetch_bytes,
-                          background_bytes=c.background_bytes, registry_requests=c.registry_requests,
-                          in_flight=c.in_flight, verify_errors=c.verify_errors, prefetch_state=c.prefetch_state,
-                          background_state=c.background_state, last_error=c.last_error)
+        return layer.counters.stats(layer.meta.blob_size, cached)
 
     async def _mount_infos(self) -> list[MountInfo]:
         live = await self._worker_mounts()

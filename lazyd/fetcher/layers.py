@@ -24,6 +24,7 @@ from lazyd.api.messages import (
     UNAUTHORIZED,
     UNREACHABLE,
     ApiError,
+    LayerStats,
 )
 from lazyd.estargz import (
     TOC,
@@ -94,6 +95,11 @@ class LayerCounters:
     @property
     def fetched_bytes(self) -> int:
         return self.demand_bytes + self.prefetch_bytes + self.background_bytes
+
+    def stats(self, layer_size: int, cached_bytes: int) -> LayerStats:
+        """The counters as the ``status`` message carries them."""
+        return LayerStats(layer_size=layer_size, fetched_bytes=self.fetched_bytes, cached_bytes=cached_bytes,
+                          **asdict(self))
 
 
 @dataclass(frozen=True)

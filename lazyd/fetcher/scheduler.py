@@ -5,9 +5,11 @@ chunks are verified and in the ChunkStore.  A member already being fetched (by
 any request, of any priority) is awaited, not fetched again, so concurrent
 overlapping requests cause one registry request.  Missing members adjacent in
 the blob are merged into one range, and all ranges of one call go out as one
-multi-range request.  Registry requests pass a priority gate (demand, then
-prefetch, then background); background work also waits while any demand fetch
-is active.
+multi-range request; a single range is streamed, so each member is stored and
+its waiters released as soon as its bytes are in.  Registry requests pass a
+priority gate (demand, then prefetch, then background); background work also
+waits until no demand or prefetch fetch has run, and no mount has started, for
+``background_delay`` seconds (``wait_quiet``).
 """
 
 from __future__ import annotations
@@ -84,20 +86,25 @@ class Scheduler:
         self.max_range_size = max_range_size
         self.gate = PriorityGate(max_concurrent)
         self._inflight: dict[tuple[str, int], asyncio.Future[None]] = {}
-        self._demand = 0
-        self.demand_idle = asyncio.Event()
-        self.demand_idle.set()
-        self.last_demand = asyncio.get_running_loop().time()  # end of the latest demand fetch
+        self._foreground = 0  # demand and prefetch fetches running
+        self.foreground_idle = asyncio.Event()
+        self.foreground_idle.set()
+        self.last_activity = asyncio.get_running_loop().time()  # see note_activity()
         self.fetch_requests = 0
         self.verify_errors = 0
 
+    def note_activity(self) -> None:
+        """Record foreground activity now (a mount, a demand or prefetch fetch starting or ending)."""
+        self.last_activity = asyncio.get_running_loop().time()
+
     async def wait_quiet(self, quiet: float) -> None:
-        """Return once no demand fetch is running and none has ended for ``quiet`` seconds."""
+        """Return once no demand or prefetch fetch is running and there has been no foreground
+        activity for ``quiet`` seconds: background fetch never competes with a starting container."""
         loop = asyncio.get_running_loop()
         while True:
-            await self.demand_idle.wait()
-            remaining = self.last_demand + quiet - loop.time()
-            if remaining <= 0 and self.demand_idle.is_set():
+            await self.foreground_idle.wait()
+            remaining = self.last_activity + quiet - loop.time()
+            if remaining <= 0 and self.foreground_idle.is_set():
                 return
             await asyncio.sleep(max(remaining, 0.01))
 
@@ -112,14 +119,16 @@ class Scheduler:
         rank = PRIORITY_RANK[priority]
         limit = self.max_range_size if max_range == -1 else max_range
         self.fetch_requests += 1
-        wanted = {m.blob_offset: m for m in members}
-        todo = await asyncio.to_thread(self.missing, layer, wanted.values())
-        if not todo:
-            return
-        if priority == "demand":
-            self._demand += 1
-            self.demand_idle.clear()
+        foreground = priority != "background"
+        if foreground:
+            self._foreground += 1
+            self.foreground_idle.clear()
+            self.note_activity()
         try:
+            wanted = {m.blob_offset: m for m in members}
+            todo = await asyncio.to_thread(self.missing, layer, wanted.values())
+            if not todo:
+                return
             if priority == "demand":
                 mine, others = self._claim(layer, todo)
                 if mine:
@@ -135,11 +144,11 @@ class Scheduler:
             if others:
                 await asyncio.gather(*others)
         finally:
-            if priority == "demand":
-                self._demand -= 1
-                self.last_demand = asyncio.get_running_loop().time()
-                if self._demand == 0:
-                    self.demand_idle.set()
+            if foreground:
+                self._foreground -= 1
+                self.note_activity()
+                if self._foreground == 0:
+                    self.foreground_idle.set()
 
     def _claim(self, layer: Layer, todo: list[Member]) -> tuple[list[Member], list[asyncio.Future[None]]]:
         """Split into members this call fetches (futures registered) and in-flight ones to await."""
@@ -182,7 +191,12 @@ class Scheduler:
                     fut.set_exception(error)
 
     async def _download(self, layer: Layer, mine: list[Member], priority: str, limit: int | None) -> None:
-        """One (multi-)range request for ``mine``; verify and store; settle their futures."""
+        """One (multi-)range request for ``mine``; verify and store; settle their futures.
+
+        A single range is streamed: each member is stored and its waiters released as soon
+        as its bytes are in, so a read of the first file of a long prefetch need not wait for
+        the last one.
+        """
         runs = coalesce(mine, limit)
         ranges = [(run[0].blob_offset, run[-1].blob_end - run[0].blob_offset) for run in runs]
         counters = layer.counters
@@ -190,14 +204,17 @@ class Scheduler:
         try:
             counters.in_flight += 1
             try:
-                parts = await self.client.fetch_ranges(layer.ref, layer.digest, ranges)
+                if len(runs) == 1:
+                    bad = await self._stream(layer, runs[0], priority)
+                else:
+                    parts = await self.client.fetch_ranges(layer.ref, layer.digest, ranges)
+                    counters.add_bytes(priority, sum(len(p) for p in parts))
+                    bad = await asyncio.to_thread(self._store, layer, runs, parts)
             except RegistryError as exc:
                 raise registry_error(exc) from None
             finally:
                 counters.in_flight -= 1
                 counters.registry_requests += 1
-            counters.add_bytes(priority, sum(len(p) for p in parts))
-            bad = await asyncio.to_thread(self._store, layer, runs, parts)
         except ApiError as exc:
             counters.last_error = exc.message
             log.warning("fetching %d range(s) of layer %s failed: %s", len(ranges), layer.digest, exc)
@@ -213,6 +230,44 @@ class Scheduler:
             counters.last_error = first.message
             log.warning("%s", first.message)
             raise first
+
+    async def _stream(self, layer: Layer, run: list[Member], priority: str) -> dict[int, ApiError]:
+        """Stream one run of adjacent members; store and settle each as soon as it is complete."""
+        bad: dict[int, ApiError] = {}
+        ready: asyncio.Queue[tuple[list[Member], bytes] | None] = asyncio.Queue()
+        buf = bytearray()
+        buf_start = run[0].blob_offset
+        next_member = 0
+
+        async def sink(_pos: int, data: bytes) -> None:
+            nonlocal buf_start, next_member
+            buf.extend(data)
+            first = next_member
+            while next_member < len(run) and run[next_member].blob_end <= buf_start + len(buf):
+                next_member += 1
+            if next_member > first:
+                cut = run[next_member - 1].blob_end - buf_start
+                ready.put_nowait((run[first:next_member], bytes(buf[:cut])))
+                del buf[:cut]
+                buf_start += cut
+                layer.counters.add_bytes(priority, cut)
+
+        async def store_ready() -> None:
+            while (item := await ready.get()) is not None:
+                members, data = item
+                failed = await asyncio.to_thread(self._store, layer, [members], [data])
+                bad.update(failed)
+                for m in members:
+                    self._settle(layer, [m], failed.get(m.blob_offset))
+
+        consumer = asyncio.create_task(store_ready())
+        try:
+            await self.client.stream_range(layer.ref, layer.digest, run[0].blob_offset,
+                                           run[-1].blob_end - run[0].blob_offset, sink)
+        finally:
+            ready.put_nowait(None)
+            await asyncio.shield(consumer)
+        return bad
 
     def _store(self, layer: Layer, runs: list[list[Member]], parts: list[bytes]) -> dict[int, ApiError]:
         """Decode, verify and store every chunk; returns the members (by offset) that failed."""

@@ -75,7 +75,11 @@ class Descriptor:
 
 @dataclass(frozen=True)
 class Image:
-    """A resolved single-platform image: its manifest, config and layers."""
+    """A resolved single-platform image: its manifest, config and layers.
+
+    When ``ref`` named an index, ``index_digest``/``index_media_type``/``index_bytes`` are the
+    index it was resolved through (so a client storing the image need not fetch it again).
+    """
 
     ref: Reference
     manifest_digest: str
@@ -88,6 +92,8 @@ class Image:
     manifest_bytes: bytes = b""
     config_bytes: bytes = b""
     index_digest: str | None = None
+    index_media_type: str | None = None
+    index_bytes: bytes = b""
 
     @property
     def platform(self) -> str:

@@ -29,6 +29,12 @@ class SnapshotterConfig:
     """Seconds to wait for lazyd to answer a ``check`` of a remote lower layer."""
     connect_timeout: float = 2.0
     """Seconds to keep trying to connect to lazyd's socket before treating it as down."""
+    premount: bool = True
+    """On Prepare of a remote layer, also ask lazyd to mount the image's later layers (named in the
+    ``stargz.layers``/``cri.image-layers`` label) at once, so their mounts overlap instead of
+    running one per Prepare (like the reference, which resolves the other layers in the background)."""
+    premount_ttl: float = 60.0
+    """Seconds an early mount waits for its Prepare before it is unmounted again."""
     require_registry: bool = True
     """Answer UNAVAILABLE on Mounts when lazyd reports a remote layer's registry unreachable."""
     grpc_workers: int = 8
@@ -39,7 +45,7 @@ class SnapshotterConfig:
     def __post_init__(self) -> None:
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"snapshotter.log_level: expected one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
-        for name in ("mount_timeout", "check_timeout", "connect_timeout"):
+        for name in ("mount_timeout", "check_timeout", "connect_timeout", "premount_ttl"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"snapshotter.{name}: must be positive, got {getattr(self, name)!r}")
         if self.grpc_workers < 1:

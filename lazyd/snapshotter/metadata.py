@@ -133,8 +133,21 @@ class MetaStore:
 
     # -- public API ---------------------------------------------------------------------
 
-    def create(self, kind: Kind, key: str, parent: str, labels: dict[str, str]) -> Snapshot:
-        """Add an active or view snapshot; the parent must exist and be committed."""
+    def reserve_id(self) -> int:
+        """A fresh id no snapshot has or will be given, for a later ``create(..., sid=)``."""
+        with self._lock, self._tx():
+            row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='snapshots'").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('snapshots', 1)")
+                return 1
+            self._db.execute("UPDATE sqlite_sequence SET seq=seq+1 WHERE name='snapshots'")
+            return int(row[0]) + 1
+
+    def create(self, kind: Kind, key: str, parent: str, labels: dict[str, str], sid: int | None = None) -> Snapshot:
+        """Add an active or view snapshot; the parent must exist and be committed.
+
+        ``sid`` is an id from ``reserve_id`` (default: the next one).
+        """
         if kind not in (Kind.ACTIVE, Kind.VIEW):
             raise InvalidArgumentError(f"snapshot {key!r}: can only create active or view snapshots, not {kind.name}")
         if not key:
@@ -152,8 +165,8 @@ class MetaStore:
                 parent_ids = self._parent_ids(parent)
             now = _now_ns()
             cur = self._db.execute(
-                "INSERT INTO snapshots (key, parent, kind, created_ns, updated_ns, labels) VALUES (?,?,?,?,?,?)",
-                (key, parent or None, int(kind), now, now, json.dumps(labels or {})),
+                "INSERT INTO snapshots (id, key, parent, kind, created_ns, updated_ns, labels) VALUES (?,?,?,?,?,?,?)",
+                (sid, key, parent or None, int(kind), now, now, json.dumps(labels or {})),
             )
             return Snapshot(id=int(cur.lastrowid or 0), kind=kind, parent_ids=parent_ids)
 

@@ -63,6 +63,12 @@ class Layout:
             raise
         return self.dir(sid)
 
+    def own_like_parent(self, sid: int, parent_ids: list[int]) -> None:
+        """Give ``snapshots/<id>/fs`` its parent's owner, as ``create_dirs`` does (for dirs made before the parent was known)."""
+        if parent_ids:
+            st = os.stat(self.upper(parent_ids[0]))
+            os.lchown(self.upper(sid), st.st_uid, st.st_gid)
+
     def mounts(self, sid: int, kind: Kind, parent_ids: list[int]) -> list[Mount]:
         """containerd overlay's mounts(): bind for no/one read-only layer, else overlay."""
         if not parent_ids:

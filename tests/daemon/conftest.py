@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,22 +10,19 @@ from pathlib import Path
 import pytest
 
 from lazyd.api.client import Client
-from lazyd.api.messages import ApiError
 from lazyd.estargz import BuildOptions
 from tests.support.estargz_images import EStargzImage, build_layers, push_layers
 from tests.support.images import build_busybox, layer_tars
-from tests.support.procs import Proc, wait_until
-from tests.support.registry import Registry, start_registry
+from tests.support.lazyd import Lazyd, start_lazyd, worker_json_pids
+from tests.support.procs import Proc
+from tests.support.registry import Registry, running_registry
 from tests.support.tcpproxy import TCPProxy
 
 
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    reg = start_registry(tmp_path_factory.mktemp("daemon-registry"))
-    try:
+    with running_registry(tmp_path_factory.mktemp("daemon-registry")) as reg:
         yield reg
-    finally:
-        reg.stop()
 
 
 @pytest.fixture(scope="session")
@@ -64,31 +56,25 @@ def via(image_ref: str, proxy: TCPProxy) -> str:
 
 @dataclass
 class DaemonProc:
-    """A running `lazyd serve` with its own root and socket."""
+    """A `lazyd serve` with its own root and socket, (re)started with ``start()``."""
 
     root: Path
     socket: str
     config: Path
     log: Path
     workers: int = 1
-    proc: Proc | None = None
+    lazyd: Lazyd | None = None
     mountpoints: list[Path] = field(default_factory=list)
 
-    def start(self, timeout: float = 30) -> DaemonProc:
-        self.proc = Proc([sys.executable, "-m", "lazyd.cli.lazyd", "serve", "--config", str(self.config),
-                          "--root", str(self.root), "--socket", self.socket, "--log-level", "debug"], self.log)
-        wait_until(lambda: self._ready() or not self.proc.alive(), timeout, "lazyd serve to answer")
-        if not self.proc.alive():
-            raise RuntimeError(f"lazyd serve exited:\n{self.log.read_text()[-4000:]}")
-        return self
+    @property
+    def proc(self) -> Proc | None:
+        return self.lazyd.proc if self.lazyd is not None else None
 
-    def _ready(self) -> bool:
-        try:
-            with Client(self.socket, timeout=5, connect_timeout=0.5) as c:
-                st = c.status()
-                return all(w.state == "ready" for w in st.workers) and len(st.workers) == self.workers
-        except ApiError:
-            return False
+    def start(self, timeout: float = 30) -> DaemonProc:
+        """Start the daemon and wait until all its workers are ready."""
+        self.lazyd = start_lazyd(self.root, Path(self.socket), self.log, config=self.config,
+                                 args=("--log-level", "debug"), workers=self.workers, timeout=timeout)
+        return self
 
     def client(self) -> Client:
         return Client(self.socket, timeout=120)
@@ -99,59 +85,32 @@ class DaemonProc:
         self.mountpoints.append(mp)
         return mp
 
+    def mount_layers(self, image: EStargzImage, prefix: str) -> list[Path]:
+        """Mount every layer of ``image`` at a new mountpoint ``<prefix><index>``."""
+        mps = []
+        with self.client() as c:
+            for i, layer in enumerate(image.layers):
+                mp = self.mountpoint(f"{prefix}{i}")
+                c.mount(image.ref, layer.digest, str(mp), layer.toc_digest)
+                mps.append(mp)
+        return mps
+
     def shutdown(self) -> None:
         """The clean stop (unmounts)."""
-        with self.client() as c:
-            c.shutdown()
-        assert self.proc is not None
-        self.proc.popen.wait(30)
-        self.proc.stop()
+        assert self.lazyd is not None
+        assert self.lazyd.shutdown(), f"lazyd serve did not exit after shutdown:\n{self.lazyd.log_text()[-4000:]}"
 
     def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.stop(signal.SIGKILL)
+        assert self.lazyd is not None
+        self.lazyd.stop(signal.SIGKILL)
 
     def worker_pids(self) -> list[int]:
-        pids = []
-        for info in (self.root / "workers").glob("*/worker.json"):
-            try:
-                pids.append(int(json.loads(info.read_text())["pid"]))
-            except (OSError, ValueError, KeyError):
-                pass
-        return pids
+        return worker_json_pids(self.root)
 
     def cleanup(self) -> None:
         """Stop everything this daemon started, whatever state it is in."""
-        if self.proc is not None and self.proc.alive():
-            try:
-                with Client(self.socket, timeout=30, connect_timeout=1) as c:
-                    c.shutdown()
-                self.proc.popen.wait(30)
-            except (ApiError, subprocess.TimeoutExpired):
-                pass
-            self.proc.stop()
-        for pid in self.worker_pids():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for proc_dir in Path("/proc").iterdir():  # workers whose worker.json is gone
-            if not proc_dir.name.isdigit():
-                continue
-            try:
-                cmd = (proc_dir / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"lazyd.fuse.worker" in cmd and str(self.root).encode() in cmd:
-                try:
-                    os.kill(int(proc_dir.name), signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        time.sleep(0.2)
-        for mp in self.mountpoints + [w / "fuse" for w in (self.root / "workers").glob("*")]:
-            for _ in range(4):
-                if subprocess.run(["umount", "-l", str(mp)], capture_output=True).returncode != 0:
-                    break
+        if self.lazyd is not None:
+            self.lazyd.close(unmount=self.root.parent)  # the mountpoints are in there too
 
 
 @pytest.fixture

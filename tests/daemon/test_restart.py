@@ -69,12 +69,8 @@ def _alive(pid: int) -> bool:
 
 def test_killed_worker_is_restarted_and_mounts_reestablished(daemon_factory, busybox: EStargzImage) -> None:
     d: DaemonProc = daemon_factory(workers=1).start()
-    mps = []
+    mps = d.mount_layers(busybox, "w")
     with d.client() as c:
-        for i, layer in enumerate(busybox.layers):
-            mp = d.mountpoint(f"w{i}")
-            c.mount(busybox.ref, layer.digest, str(mp), layer.toc_digest)
-            mps.append(mp)
         (old_pid,) = d.worker_pids()
         os.kill(old_pid, signal.SIGKILL)
         seen_broken = False
@@ -101,12 +97,8 @@ def test_killed_worker_is_restarted_and_mounts_reestablished(daemon_factory, bus
 def test_sigterm_keeps_mounts_and_restart_replaces_a_worker_that_died_meanwhile(
         daemon_factory, busybox: EStargzImage) -> None:
     d: DaemonProc = daemon_factory(workers=2).start()
-    mps = []
+    mps = d.mount_layers(busybox, "t")
     with d.client() as c:
-        for i, layer in enumerate(busybox.layers):
-            mp = d.mountpoint(f"t{i}")
-            c.mount(busybox.ref, layer.digest, str(mp), layer.toc_digest)
-            mps.append(mp)
         st = c.status()
     assert {m.worker_id for m in st.mounts} == {0, 1}, "mounts are spread over the workers"
     # Read once so the chunk is in the store, then drop the page cache so the read after

@@ -11,6 +11,7 @@ from lazyd.fetcher.scheduler import PriorityGate, Scheduler, coalesce
 from lazyd.registry import Reference, RegistryClient, RegistryConfig
 from tests.daemon.conftest import via
 from tests.support.estargz_images import EStargzImage
+from tests.support.registry import Registry
 from tests.support.tcpproxy import TCPProxy
 
 
@@ -104,22 +105,22 @@ def test_background_waits_while_demand_is_active(tmp_path: Path, busybox: EStarg
     async def run() -> None:
         client, store, layer, sched = await _setup(tmp_path, busybox, proxy, 1)
         try:
-            sched._demand += 1  # a demand fetch is running
-            sched.demand_idle.clear()
-            done = asyncio.Event()
-
-            async def background() -> None:
-                await sched.demand_idle.wait()
-                await sched.fetch(layer, layer.members[:3], "background")
-                done.set()
-
-            task = asyncio.create_task(background())
-            await asyncio.sleep(0.3)
-            assert not done.is_set() and layer.counters.background_bytes == 0
-            sched._demand -= 1
-            sched.demand_idle.set()
-            await asyncio.wait_for(task, 30)
-            assert layer.counters.background_bytes > 0
+            loop = asyncio.get_running_loop()
+            demand = asyncio.create_task(sched.fetch(layer, layer.members[:3], "demand"))
+            await asyncio.sleep(0)  # the demand fetch has started
+            waiter = asyncio.create_task(sched.wait_quiet(0.3))
+            await demand
+            ended = loop.time()
+            assert layer.counters.demand_bytes > 0
+            await asyncio.sleep(0.1)
+            assert not waiter.done(), "background waits out the quiet period after the demand fetch"
+            await asyncio.wait_for(waiter, 5)
+            assert loop.time() - ended >= 0.29
+            # A mount is foreground activity too: nothing is fetched in the background right after it.
+            sched.note_activity()
+            noted = loop.time()
+            await sched.wait_quiet(0.3)
+            assert loop.time() - noted >= 0.29
         finally:
             await client.close()
             store.close()
@@ -156,3 +157,41 @@ def test_wait_quiet_holds_background_until_demand_has_been_idle(tmp_path: Path, 
             store.close()
 
     asyncio.run(run())
+
+
+def test_one_long_range_is_streamed_member_by_member(tmp_path: Path, busybox: EStargzImage,
+                                                     registry: Registry) -> None:
+    """A read of the first member of a long prefetch is served when that member is in, not at the end."""
+    with TCPProxy(registry.port, delay=0.02, chunk_size=16384) as slow:  # about 0.8 MB/s
+        async def run() -> None:
+            client, store, layer, sched = await _setup(tmp_path, busybox, slow, 1)
+            try:
+                loop = asyncio.get_running_loop()
+                big = layer.toc.lookup("data/big.bin")
+                members = sorted({layer.by_chunk[(c.blob_offset, c.inner_offset)].blob_offset: layer.by_chunk[
+                    (c.blob_offset, c.inner_offset)] for c in layer.toc.file_chunks(big)}.values(),
+                    key=lambda m: m.blob_offset)
+                run_ = coalesce(members, None)[0]
+                while len(run_) > 4 and run_[-2].blob_end - run_[0].blob_offset >= 600_000:
+                    run_.pop()  # about 0.6 MB: long enough to see streaming, short enough to be quick
+                assert len(run_) >= 4 and run_[-1].blob_end - run_[0].blob_offset >= 600_000
+                before = len(slow.range_requests(layer.digest))  # the footer and TOC reads
+                whole = asyncio.create_task(sched.fetch(layer, run_, "prefetch", max_range=None))
+                while len(slow.range_requests(layer.digest)) == before:
+                    await asyncio.sleep(0.005)
+                t0 = loop.time()
+                await sched.fetch(layer, run_[:1], "demand")  # waits on the prefetch's member, no request
+                first = loop.time() - t0
+                assert not whole.done(), f"the first member took {first:.2f}s: not streamed"
+                await whole
+                total = loop.time() - t0
+                assert first < total / 3, (first, total)
+                assert len(slow.range_requests(layer.digest)) == before + 1
+                assert layer.counters.demand_bytes == 0
+                assert layer.counters.prefetch_bytes == run_[-1].blob_end - run_[0].blob_offset
+                assert sched.missing(layer, run_) == []
+            finally:
+                await client.close()
+                store.close()
+
+        asyncio.run(run())

@@ -8,8 +8,6 @@ all state under ``tmp_path``), torn down with its containers, mounts and process
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,8 +19,9 @@ import pytest
 from tests.e2e.images import add_opaque_layer, cached_estargz, convert_layout, lazyd_builder
 from tests.support.containerd import start_containerd
 from tests.support.images import build_busybox, debian_python_layout, push
+from tests.support.lazyd import Lazyd, start_lazyd, unmount_all_below
 from tests.support.procs import Proc, wait_until
-from tests.support.registry import Registry, start_registry
+from tests.support.registry import Registry, running_registry
 
 SNAPSHOTTER = "lazyd"
 HELLO = "hello from python in a lazily pulled image"
@@ -42,11 +41,8 @@ class Images:
 
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    reg = start_registry(tmp_path_factory.mktemp("e2e-registry"))
-    try:
+    with running_registry(tmp_path_factory.mktemp("e2e-registry")) as reg:
         yield reg
-    finally:
-        reg.stop()
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +81,7 @@ class Stack:
     root: Path
     cri: bool = False
     config: dict[str, Any] = field(default_factory=dict)  # top-level keys of lazyd serve's config file
-    lazyd: Proc | None = None
+    lazyd: Lazyd | None = None
     snapshotter: Proc | None = None
     containerd: Any = None
 
@@ -112,13 +108,9 @@ class Stack:
         return self
 
     def start_lazyd(self) -> None:
-        self.lazyd_socket.unlink(missing_ok=True)
         config = self.root / "lazyd.toml"
         config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in self.config.items()))
-        self.lazyd = Proc(["lazyd", "serve", "--config", str(config), "--root", str(self.root / "lazyd"),
-                           "--socket", str(self.lazyd_socket)], self.root / "lazyd.log")
-        wait_until(lambda: self.lazyd_socket.exists() or not self.lazyd.alive(), 30, "lazyd serve socket")
-        assert self.lazyd.alive(), self.lazyd.log_text()
+        self.lazyd = start_lazyd(self.root / "lazyd", self.lazyd_socket, self.root / "lazyd.log", config=config)
 
     def start_snapshotter(self) -> None:
         self.snapshotter_socket.unlink(missing_ok=True)
@@ -164,66 +156,11 @@ class Stack:
             self.containerd.stop()  # kills the tasks and removes the containers first
         if self.snapshotter is not None:
             self.snapshotter.stop()
-        if self.lazyd is not None:
-            if self.lazyd.alive():
-                subprocess.run(["lazyctl", "shutdown", "--socket", str(self.lazyd_socket)], capture_output=True,
-                               timeout=30)
-                try:
-                    wait_until(lambda: not self.lazyd.alive(), 20, "lazyd serve to exit")
-                except TimeoutError as err:
-                    errors.append(str(err))
-            self.lazyd.stop()
-        _kill_workers(self.root / "lazyd")
-        _unmount_under(self.root)
+        if self.lazyd is not None and not self.lazyd.close(unmount=self.root):
+            errors.append(f"lazyd serve did not exit after shutdown:\n{self.lazyd.log_text()[-4000:]}")
+        unmount_all_below(self.root)
         if errors:
             raise AssertionError("; ".join(errors))
-
-
-def _kill_workers(lazyd_root: Path) -> None:
-    """Workers run in their own sessions and outlive the daemon by design; stop the ones this test started."""
-    pids = []
-    for state in lazyd_root.glob("workers/*/worker.json"):
-        try:
-            pids.append(int(json.loads(state.read_text()).get("pid", 0)))
-        except (ValueError, OSError):
-            continue
-    for pid in (p for p in pids if p > 0 and _is_worker_of(p, lazyd_root)):
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            continue
-        try:
-            wait_until(lambda: not _alive(pid), 10, f"FUSE worker {pid} to exit", interval=0.1)
-        except TimeoutError:
-            os.kill(pid, signal.SIGKILL)
-
-
-def _is_worker_of(pid: int, lazyd_root: Path) -> bool:
-    """True when ``pid`` is still a lazyd FUSE worker under ``lazyd_root`` (not a recycled pid)."""
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    text = b" ".join(argv).decode(errors="replace")
-    return "lazyd.fuse.worker" in text and str(lazyd_root) in text
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    status = Path(f"/proc/{pid}/status")
-    return status.exists() and "State:\tZ" not in status.read_text()
-
-
-def _unmount_under(root: Path) -> None:
-    """Lazily unmount anything still mounted below ``root`` (deepest first)."""
-    prefix = str(root.resolve()) + "/"
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
-    for mp in sorted({p for p in points if p.startswith(prefix)}, key=len, reverse=True):
-        subprocess.run(["umount", "-l", mp], capture_output=True)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -21,6 +21,7 @@ from lazyd.api import wire
 from lazyd.api.messages import ApiError, FetchArgs
 from lazyd.cache.store import ChunkKey, ChunkStore
 from lazyd.estargz import FOOTER_SIZE, TOC, ChunkDigestMismatch, decode_chunk, decode_toc_member, parse_footer
+from tests.support.procs import shutdown_quietly
 
 
 @dataclass
@@ -82,18 +83,12 @@ class LocalFetcher:
         """Close the listener and every connection, like a fetcher that died."""
         listener, self._listener = self._listener, None
         if listener is not None:
-            try:
-                listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            shutdown_quietly(listener)
             listener.close()
         with self._lock:
             conns, self._conns = self._conns, []
         for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            shutdown_quietly(conn)
             conn.close()
         for t in self._threads:
             t.join(5)

@@ -8,6 +8,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,22 +27,32 @@ def layer(tmp_path_factory: pytest.TempPathFactory) -> BuiltLayer:
     return make_layer(rich_tar(tmp / "rich.tar"), tmp / "blobs")
 
 
-@pytest.fixture
-def served(tmp_path: Path, layer: BuiltLayer) -> Iterator[tuple[ChunkReader, LocalFetcher, FetcherConnection]]:
+@contextmanager
+def _serving(tmp_path: Path, layer: BuiltLayer, timeout: float
+             ) -> Iterator[tuple[ChunkStore, LocalFetcher, FetcherConnection]]:
+    """A chunk store, a ``LocalFetcher`` serving ``layer`` into it and a connection to that fetcher."""
     store = ChunkStore(tmp_path / "cache", 1 << 30)
     fetcher = LocalFetcher(tmp_path / "f.sock", store)
     fetcher.add(layer.local)
     fetcher.start()
-    conn = FetcherConnection(str(tmp_path / "f.sock"), timeout=1.0)
+    conn = FetcherConnection(str(tmp_path / "f.sock"), timeout=timeout)
     conn.start()
-    reader = ChunkReader(store, conn)
     try:
-        yield reader, fetcher, conn
+        yield store, fetcher, conn
     finally:
-        reader.close()
         conn.close()
         fetcher.stop()
         store.close()
+
+
+@pytest.fixture
+def served(tmp_path: Path, layer: BuiltLayer) -> Iterator[tuple[ChunkReader, LocalFetcher, FetcherConnection]]:
+    with _serving(tmp_path, layer, timeout=1.0) as (store, fetcher, conn):
+        reader = ChunkReader(store, conn)
+        try:
+            yield reader, fetcher, conn
+        finally:
+            reader.close()
 
 
 def _path(table: InodeTable, path: str) -> int:
@@ -125,13 +136,7 @@ def test_fetch_errors_and_timeouts(served: tuple[ChunkReader, LocalFetcher, Fetc
 
 
 def test_request_lost_with_the_fetcher_is_sent_again(tmp_path: Path, layer: BuiltLayer) -> None:
-    store = ChunkStore(tmp_path / "cache", 1 << 30)
-    fetcher = LocalFetcher(tmp_path / "f.sock", store)
-    fetcher.add(layer.local)
-    fetcher.start()
-    conn = FetcherConnection(str(tmp_path / "f.sock"), timeout=10.0)
-    conn.start()
-    try:
+    with _serving(tmp_path, layer, timeout=10.0) as (_, fetcher, conn):
         fetcher.delay = 1.0
         (chunk,) = layer.local.toc.file_chunks(layer.local.toc.lookup("etc/hostname"))
         errors: list[BaseException] = []
@@ -146,10 +151,6 @@ def test_request_lost_with_the_fetcher_is_sent_again(tmp_path: Path, layer: Buil
         t.join(10)
         assert not t.is_alive() and not errors
         assert fetcher.stats.requests == 2  # the same request, sent again on the new connection
-    finally:
-        conn.close()
-        fetcher.stop()
-        store.close()
 
 
 def _catch(errors: list[BaseException], fn, *args) -> None:  # type: ignore[no-untyped-def]

@@ -26,6 +26,15 @@ def _blob_digest(request: web.Request) -> str | None:
     return parts[1] if len(parts) == 2 and request.method in ("GET", "HEAD") and ":" in parts[1] else None
 
 
+async def _cut_off(request: web.Request, status: int, headers: dict[str, str], sent: bytes) -> web.StreamResponse:
+    """Answer with ``headers`` (promising more), send only ``sent``, then drop the connection."""
+    resp = web.StreamResponse(status=status, headers=headers)
+    await resp.prepare(request)
+    await resp.write(sent)
+    request.transport.close()  # type: ignore[union-attr]
+    return resp
+
+
 def test_redirect_to_storage_never_forwards_authorization(tmp_path: Path, registry: Registry,
                                                           caplog: pytest.LogCaptureFixture) -> None:
     """Blob GETs answered 307 to another port: the storage host gets Range but no Authorization."""
@@ -142,11 +151,7 @@ def test_dropped_connections_are_retried(tmp_path: Path, registry: Registry) -> 
             return web.Response(status=503)
         if failures["drop"]:
             failures["drop"] -= 1
-            resp = web.StreamResponse(headers={"Content-Length": str(10 << 20)})
-            await resp.prepare(request)
-            await resp.write(b"x" * 1000)
-            request.transport.close()  # type: ignore[union-attr]
-            return resp
+            return await _cut_off(request, 200, {"Content-Length": str(10 << 20)}, b"x" * 1000)
         return None
 
     async def main() -> None:
@@ -208,4 +213,52 @@ def test_hanging_front_times_out_with_retries(tmp_path: Path, registry: Registry
                     await c.resolve(Reference.parse(f"127.0.0.1:{port}/{BB}:v1"))
                 assert time.monotonic() - t0 < 5
                 assert log.count("GET", "/manifests/") == 3  # first try + 2 retries (GET is idempotent)
+    run(main())
+
+
+def test_stream_range_resumes_a_cut_body_and_reads_past_an_ignored_range(tmp_path: Path, registry: Registry) -> None:
+    """``stream_range`` hands over every byte once, in order: a 206 body cut off half-way is
+    resumed from the next byte, and a front that ignores Range is read from the start."""
+    log = FrontLog()
+    mode = {"cut": 2, "strip": False}
+
+    async def front(request: web.Request, headers: dict[str, str]) -> web.StreamResponse | None:
+        digest = _blob_digest(request)
+        if not digest or request.method != "GET":
+            return None
+        if mode["strip"]:
+            headers.pop("Range", None)
+            return None
+        if mode["cut"] and "Range" in request.headers:
+            mode["cut"] -= 1
+            first, last = (int(x) for x in request.headers["Range"].removeprefix("bytes=").split("-"))
+            body = blob_file(registry, digest).read_bytes()[first:last + 1]
+            return await _cut_off(request, 206, {"Content-Length": str(len(body)),
+                                                 "Content-Range": f"bytes {first}-{last}/*"}, body[: len(body) // 2])
+        return None
+
+    async def main() -> None:
+        async with serve(proxy_app(registry.url, log, front)) as port:
+            async with RegistryClient(config(tmp_path, retries=3)) as c:
+                r = Reference.parse(f"127.0.0.1:{port}/{BB}:v2")
+                img = await c.resolve(r)
+                layer = max(img.layers, key=lambda d: d.size)
+                data = blob_file(registry, layer.digest).read_bytes()
+                got: list[tuple[int, bytes]] = []
+
+                async def sink(pos: int, chunk: bytes) -> None:
+                    got.append((pos, chunk))
+
+                off, n = 1000, 3 << 20
+                await c.stream_range(r, layer.digest, off, n, sink)
+                assert b"".join(chunk for _, chunk in got) == data[off:off + n]
+                assert all(pos == off + sum(len(ch) for _, ch in got[:i]) for i, (pos, _) in enumerate(got))
+                ranges = [h["Range"] for m, p, h in log.requests if m == "GET" and layer.digest in p]
+                # each retry asks for the rest only: half of what is left after every cut
+                assert ranges == [f"bytes={off}-{off + n - 1}", f"bytes={off + n // 2}-{off + n - 1}",
+                                  f"bytes={off + n // 2 + n // 4}-{off + n - 1}"]
+                mode["strip"] = True
+                got.clear()
+                await c.stream_range(r, layer.digest, 5000, 777, sink)
+                assert b"".join(chunk for _, chunk in got) == data[5000:5777] and got[0][0] == 5000
     run(main())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import pytest
 from lazyd.registry import Reference, RegistryClient, RegistryError, UnreachableError
 from tests.support.images import push
 from tests.support.procs import free_port
-from tests.support.registry import Registry, start_registry
+from tests.support.registry import Registry, running_registry, start_registry
 
 from .helpers import BB, Images, blob_file, config, make_ca, make_server_cert, run, write_hosts
 
@@ -51,13 +53,23 @@ server = "http://{registry.host}"
         mirror.stop()
 
 
-def test_tls_registry_needs_its_ca(tmp_path: Path, busybox_images: Images) -> None:
+@contextmanager
+def _tls_registry(tmp_path: Path, client_certs: bool = False) -> Iterator[tuple[Registry, bytes, object, object]]:
+    """An HTTPS registry with a certificate from a new CA (with ``client_certs``, it asks for client
+    certificates from that CA); yields (registry, CA cert PEM, CA cert, CA key)."""
     ca_pem, _, ca_cert, ca_key = make_ca()
     cert_pem, key_pem = make_server_cert(ca_cert, ca_key)
-    (tmp_path / "server.pem").write_bytes(cert_pem)
-    (tmp_path / "server.key").write_bytes(key_pem)
-    reg = start_registry(tmp_path, tls={"certificate": str(tmp_path / "server.pem"), "key": str(tmp_path / "server.key")})
-    try:
+    for name, data in (("ca.pem", ca_pem), ("server.pem", cert_pem), ("server.key", key_pem)):
+        (tmp_path / name).write_bytes(data)
+    tls: dict[str, object] = {"certificate": str(tmp_path / "server.pem"), "key": str(tmp_path / "server.key")}
+    if client_certs:
+        tls["clientcas"] = [str(tmp_path / "ca.pem")]
+    with running_registry(tmp_path, tls=tls) as reg:
+        yield reg, ca_pem, ca_cert, ca_key
+
+
+def test_tls_registry_needs_its_ca(tmp_path: Path, busybox_images: Images) -> None:
+    with _tls_registry(tmp_path) as (reg, ca_pem, _, _):
         push(busybox_images.src("v1"), reg.host, f"{BB}:v1")
         r = Reference.parse(f"{reg.host}/{BB}:v1")
 
@@ -77,19 +89,11 @@ def test_tls_registry_needs_its_ca(tmp_path: Path, busybox_images: Images) -> No
                 with pytest.raises(RegistryError, match="HTTP 400"):
                     await c.resolve(r)
         run(main())
-    finally:
-        reg.stop()
 
 
 def test_tls_registry_requiring_a_client_certificate(tmp_path: Path, busybox_images: Images) -> None:
-    ca_pem, _, ca_cert, ca_key = make_ca()
-    cert_pem, key_pem = make_server_cert(ca_cert, ca_key)
-    client_pem, client_key = make_server_cert(ca_cert, ca_key, client=True)
-    for name, data in (("ca.pem", ca_pem), ("server.pem", cert_pem), ("server.key", key_pem)):
-        (tmp_path / name).write_bytes(data)
-    reg = start_registry(tmp_path, tls={"certificate": str(tmp_path / "server.pem"), "key": str(tmp_path / "server.key"),
-                                        "clientcas": [str(tmp_path / "ca.pem")]})
-    try:
+    with _tls_registry(tmp_path, client_certs=True) as (reg, ca_pem, ca_cert, ca_key):
+        client_pem, client_key = make_server_cert(ca_cert, ca_key, client=True)
         push_args = ["--dest-cert-dir", str(tmp_path / "skopeo-certs")]
         (tmp_path / "skopeo-certs").mkdir()
         (tmp_path / "skopeo-certs/client.cert").write_bytes(client_pem)
@@ -111,5 +115,3 @@ def test_tls_registry_requiring_a_client_certificate(tmp_path: Path, busybox_ima
                 img = await c.resolve(r)
                 assert len(img.layers) == 1
         run(main())
-    finally:
-        reg.stop()

@@ -17,7 +17,7 @@ import pytest
 from tests.e2e.images import convert_layout, reference_builder
 from tests.support.containerd import start_containerd
 from tests.support.images import build_busybox, push, run
-from tests.support.registry import Registry, start_registry
+from tests.support.registry import Registry, running_registry
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,8 @@ def _index_layout(src: Path, tag: str, dst: Path) -> str:
 
 @pytest.fixture(scope="package")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    reg = start_registry(tmp_path_factory.mktemp("rpull-registry"))
-    try:
+    with running_registry(tmp_path_factory.mktemp("rpull-registry")) as reg:
         yield reg
-    finally:
-        reg.stop()
 
 
 @pytest.fixture(scope="package")

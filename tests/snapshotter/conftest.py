@@ -16,7 +16,7 @@ from lazyd.mounttable import unmount_below
 from tests.support.containerd import Containerd, start_containerd
 from tests.support.images import build_busybox, push
 from tests.support.procs import Proc, wait_until
-from tests.support.registry import Registry, start_registry
+from tests.support.registry import Registry, running_registry
 
 
 @dataclass
@@ -92,11 +92,8 @@ def containerd(snapshotter: SnapshotterProc, tmp_path: Path) -> Iterator[Contain
 
 @pytest.fixture(scope="package")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
-    reg = start_registry(tmp_path_factory.mktemp("sn-registry"))
-    try:
+    with running_registry(tmp_path_factory.mktemp("sn-registry")) as reg:
         yield reg
-    finally:
-        reg.stop()
 
 
 @pytest.fixture(scope="package")

@@ -134,7 +134,9 @@ def _remote_snapshots(cd: Containerd) -> list[str]:
 
 
 def _remote_mountpoints(sn: SnapshotterProc) -> list[Path]:
-    return sorted(p / "fs" for p in (sn.root / "snapshots").iterdir() if is_mountpoint(p / "fs"))
+    """``snapshots/<id>/fs`` of every mounted snapshot dir, in id order."""
+    dirs = sorted((p for p in (sn.root / "snapshots").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    return [p / "fs" for p in dirs if is_mountpoint(p / "fs")]
 
 
 def test_rpull_mounts_every_layer_lazily_and_runs(stack: Stack, esgz_busybox: str) -> None:
@@ -256,12 +258,37 @@ def test_cri_labels_mount_lazily_over_grpc(stack: Stack, esgz_busybox: str) -> N
         with pytest.raises(grpc.RpcError) as err:  # the temporary active key is gone
             stub.Stat(pb.StatSnapshotRequest(snapshotter=SN, key="k8s.io/1/extract-x"))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
-        (fs,) = _remote_mountpoints(stack.sn)
+        # The layer asked for, then the early mount of the layer above it (cri.image-layers lists both).
+        wait_until(lambda: len(_remote_mountpoints(stack.sn)) == 2, 30, "the early mount of layer 1")
+        fs, early = _remote_mountpoints(stack.sn)
         assert (fs / "etc/hello.txt").read_text() == "hello from lazyd\n"
         # A second Prepare for the same target answers ALREADY_EXISTS without mounting again.
         with pytest.raises(grpc.RpcError) as err:
             stub.Prepare(pb.PrepareSnapshotRequest(snapshotter=SN, key="k8s.io/2/extract-x", labels=labels))
         assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
-        assert _remote_mountpoints(stack.sn) == [fs]
+        assert _remote_mountpoints(stack.sn) == [fs, early]
         stub.Remove(pb.RemoveSnapshotRequest(snapshotter=SN, key="sha256:" + "1" * 64))
         assert not fs.exists()
+
+
+def test_unclaimed_early_mount_is_undone(stack: Stack, esgz_busybox: str, tmp_path: Path) -> None:
+    """Prepare of layer 0 mounts layer 1 early; when no Prepare asks for it, it is unmounted after premount_ttl."""
+    config = tmp_path / "snapshotter.toml"
+    config.write_text("[snapshotter]\npremount_ttl = 2.0\n")
+    stack.sn.stop()
+    stack.sn.start("--config", str(config))
+    layers = [layer["digest"] for layer in _manifest(esgz_busybox)["layers"]]
+    labels = {
+        "containerd.io/snapshot.ref": "sha256:" + "2" * 64,
+        "containerd.io/snapshot/remote/stargz.reference": esgz_busybox,
+        "containerd.io/snapshot/remote/stargz.digest": layers[0],
+        "containerd.io/snapshot/remote/stargz.layers": ",".join(layers),
+    }
+    with stack.sn.channel() as ch, pytest.raises(grpc.RpcError) as err:
+        stack.sn.stub(ch).Prepare(pb.PrepareSnapshotRequest(snapshotter=SN, key="default/1/extract-y", labels=labels))
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    wait_until(lambda: len(_remote_mountpoints(stack.sn)) == 2, 30, "the early mount of layer 1")
+    fs, early = _remote_mountpoints(stack.sn)
+    wait_until(lambda: not early.parent.exists(), 30, "the unclaimed early mount to be undone")
+    assert _remote_mountpoints(stack.sn) == [fs]
+    assert [m["mountpoint"] for m in stack.lazyd.status()["mounts"]] == [str(fs)]

@@ -36,6 +36,14 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
+def shutdown_quietly(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
+    """``sock.shutdown(how)``, ignoring the error of a socket that is already closed or never connected."""
+    try:
+        sock.shutdown(how)
+    except OSError:
+        pass
+
+
 class Proc:
     """A background process whose output goes to a log file; stopped with ``stop()``."""
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,3 +84,13 @@ def start_registry(
     if not proc.alive():
         raise RuntimeError(f"registry exited at start:\n{proc.log_text()}")
     return Registry(port=port, root=root, proc=proc, config=config)
+
+
+@contextmanager
+def running_registry(workdir: Path, **options: Any) -> Iterator[Registry]:
+    """``start_registry(workdir, **options)``, stopped on leaving the block."""
+    reg = start_registry(workdir, **options)
+    try:
+        yield reg
+    finally:
+        reg.stop()

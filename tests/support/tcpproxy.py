@@ -19,6 +19,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from .procs import shutdown_quietly
+
 
 @dataclass(frozen=True)
 class HTTPRequest:
@@ -77,10 +79,7 @@ class TCPProxy:
         with self._lock:
             socks = list(self._socks)
         for s in socks:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            shutdown_quietly(s)
             s.close()
         for t in self._threads:
             t.join(5)
@@ -157,10 +156,7 @@ class TCPProxy:
         except OSError:
             pass
         finally:
-            try:
-                dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+            shutdown_quietly(dst, socket.SHUT_WR)
 
     def _pump(self, src: socket.socket, dst: socket.socket, up: bool, index: int) -> None:
         try:
@@ -170,20 +166,12 @@ class TCPProxy:
                     break
                 if not up and self.delay:
                     time.sleep(self.delay)
-                with self._lock:
-                    if up:
-                        self.bytes_up += len(data)
-                        self._heads[index] += data
-                    else:
-                        self.bytes_down += len(data)
+                self._count(data, up, index)
                 dst.sendall(data)
         except OSError:
             pass
         finally:
-            try:
-                dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
+            shutdown_quietly(dst, socket.SHUT_WR)
 
     def requests(self) -> list[HTTPRequest]:
         """HTTP request heads sent upstream (bodies of PUT/POST/PATCH are skipped by Content-Length)."""

@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""Benchmark: the ceiling of warm small-file open+read through FUSE here, without Python.
+
+Builds ``bench/fuse_ceiling.c`` (a libfuse 2 low-level filesystem in C, the library that
+llfuse wraps) and compares, with the page cache warm, the open+read+close rate of N small
+files against the same files on the native filesystem:
+
+* ``open``: the kernel sends OPEN and RELEASE for every open(), as it does for lazyd;
+* ``no_open``: OPEN answered with ENOSYS once, so the kernel sends neither again.
+
+It shows what any libfuse 2 filesystem can reach on this machine, and what skipping OPEN
+would give (llfuse and pyfuse3 cannot use it: their ``read`` gets only the file handle,
+which is 0 in that mode).  Compare with "small files warm" of ``bench/bench_fuse.py``.
+
+Run as root:  python3 bench/bench_fuse_ceiling.py [--files 3000] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BLOCK = 1 << 20
+MIN_SECONDS = 0.5
+
+
+def read_tree(files: list[str]) -> None:
+    buf = bytearray(BLOCK)
+    for p in files:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
+def warm_rate(files: list[str]) -> float:
+    """Files per second over repeated passes (at least MIN_SECONDS) after a warming pass."""
+    read_tree(files)
+    t0 = time.perf_counter()
+    passes = 0
+    while passes == 0 or time.perf_counter() - t0 < MIN_SECONDS:
+        read_tree(files)
+        passes += 1
+    return passes * len(files) / (time.perf_counter() - t0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap.add_argument("--files", type=int, default=3000)
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="lazyd-fuse-ceiling-", dir="/var/tmp"))
+    procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+    try:
+        exe = work / "fuse_ceiling"
+        cflags = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse"], capture_output=True, text=True,
+                                check=True).stdout.split()
+        subprocess.run(["gcc", "-O2", "-o", str(exe), str(Path(__file__).with_name("fuse_ceiling.c")), *cflags],
+                       check=True)
+        native = work / "native"
+        native.mkdir()
+        for i in range(args.files):  # the same sizes as the C filesystem serves
+            (native / f"f{i}").write_bytes(b"x" * (200 + ((i + 2) * 2654435761 % (1 << 32)) % 7800))
+        sides = {"native": [str(native / f"f{i}") for i in range(args.files)]}
+        for no_open in (0, 1):
+            mp = work / f"mnt{no_open}"
+            mp.mkdir()
+            proc = subprocess.Popen([str(exe), str(mp), str(args.files), str(no_open)])
+            procs.append((proc, mp))
+            deadline = time.monotonic() + 10
+            while not os.path.ismount(mp):
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise SystemExit(f"fuse_ceiling did not mount {mp}")
+                time.sleep(0.05)
+            sides["C open" if not no_open else "C no_open"] = [str(mp / f"f{i}") for i in range(args.files)]
+        rates: dict[str, list[float]] = {k: [] for k in sides}
+        for _ in range(args.repeat):
+            for name, files in sides.items():
+                rates[name].append(warm_rate(files))
+        base = statistics.median(rates["native"])
+        print(f"warm small-file open+read+close, {args.files} files of 200-8000 bytes, "
+              f"median of {args.repeat} alternating runs")
+        print(f"{'side':<12} {'files/s':>10} {'x native':>9}")
+        for name, r in rates.items():
+            print(f"{name:<12} {statistics.median(r):>10.0f} {statistics.median(r) / base:>8.0%}")
+        print(f"load average: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+        return 0
+    finally:
+        for proc, mp in procs:
+            subprocess.run(["fusermount", "-u", str(mp)], capture_output=True)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+#!/usr/bin/env python3
+"""Where the time of ``lazyctl rpull`` goes (the pull step of bench/bench_e2e.py).
+
+Each round starts a fresh ``lazyd serve`` + ``lazyd snapshotter`` + containerd 1.6 (all state
+in a new directory) and pulls the debian+python3 eStargz image from a local registry,
+optionally through a delay-line proxy (``--rtt``; no qdiscs). It reports:
+
+* ``start-up``: interpreter + imports of ``lazyctl`` for ``--help`` and for the rpull path
+  (best of 5 runs, each a new interpreter, minus a bare ``python3 -c pass``);
+* ``wall``: ``lazyctl rpull`` as a subprocess, as bench/bench_e2e.py times it;
+* ``trace``: the same pull run in this process (imports already paid), with the time of
+  every registry request and containerd call; snapshot Prepare of a lazily mounted layer
+  includes the snapshotter's lazyd ``mount`` (footer + TOC fetch + FUSE mount).
+
+Run as root:  python3 bench/bench_pull.py --rounds 5 [--rtt 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lazyd.containerd.client import ContainerdClient  # noqa: E402
+from lazyd.containerd.pull import PullResult, RemotePuller  # noqa: E402
+from lazyd.registry import RegistryClient, RegistryConfig  # noqa: E402
+from lazyd.registry.reference import Reference  # noqa: E402
+from tests.e2e.images import cached_estargz, lazyd_builder  # noqa: E402
+from tests.support.containerd import Containerd, start_containerd  # noqa: E402
+from tests.support.images import debian_python_layout, push  # noqa: E402
+from tests.support.lazyd import start_lazyd  # noqa: E402
+from tests.support.procs import Proc, wait_until  # noqa: E402
+from tests.support.registry import running_registry  # noqa: E402
+from tests.support.tcpproxy import TCPProxy  # noqa: E402
+
+SNAPSHOTTER = "lazyd"  # the proxy plugin name start_containerd registers
+
+
+@contextmanager
+def lazyd_stack(root: Path, log_level: str) -> Iterator[tuple[Containerd, Path]]:
+    """``lazyd serve`` + ``lazyd snapshotter`` + containerd under ``root``; yields (containerd, lazyd socket)."""
+    with ExitStack() as stack:
+        root.mkdir(parents=True)
+        config = root / "lazyd.toml"
+        config.write_text(f'log_level = "{log_level}"\n')
+        daemon = start_lazyd(root / "lazyd", root / "lazyd.sock", root / "lazyd.log", config=config)
+        stack.callback(daemon.close, unmount=root)
+        snap_sock = root / "snapshotter.sock"
+        snap = Proc(["lazyd", "snapshotter", "--root", str(root / "snapshotter"), "--address", str(snap_sock),
+                     "--lazyd-socket", str(daemon.socket), "--log-level", log_level], root / "snapshotter.log")
+        stack.callback(snap.stop)
+        wait_until(lambda: snap_sock.exists() or not snap.alive(), 30, "lazyd snapshotter socket")
+        if not snap.alive():
+            raise RuntimeError(f"lazyd snapshotter exited:\n{snap.log_text()[-3000:]}")
+        cd = start_containerd(root / "containerd", snapshotter_address=str(snap_sock))
+        stack.callback(cd.stop)
+        yield cd, daemon.socket
+
+
+def best_of(argv: list[str], n: int = 5) -> float:
+    """Fastest wall time of ``n`` runs of ``argv``."""
+    times = []
+    for _ in range(n):
+        t0 = time.monotonic()
+        subprocess.run(argv, capture_output=True, check=True)
+        times.append(time.monotonic() - t0)
+    return min(times)
+
+
+def startup_times() -> dict[str, float]:
+    """Interpreter and import cost of lazyctl, net of a bare interpreter."""
+    bare = best_of([sys.executable, "-c", "pass"])
+    imports = ("import lazyd.cli.lazyctl as m, lazyd.cli.rpull_cmd, lazyd.containerd.pull, lazyd.containerd.client, "
+               "lazyd.registry.client; m.build_parser()")
+    return {
+        "python3 -c pass": bare,
+        "lazyctl --help": best_of([sys.executable, "-m", "lazyd.cli.lazyctl", "--help"]),
+        "lazyctl rpull --help": best_of([sys.executable, "-m", "lazyd.cli.lazyctl", "rpull", "--help"]),
+        "imports of the rpull path": best_of([sys.executable, "-c", imports]),
+    }
+
+
+class Trace:
+    """Durations of named steps; concurrent steps each count their own wall time."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[str, float, float]] = []  # (name, start, end)
+
+    def add(self, name: str, start: float, end: float) -> None:
+        self.steps.append((name, start, end))
+
+
+def _traced_call(trace: Trace, original: Any) -> Any:
+    async def call(what: str, method: Any, request: object, timeout: float | None = None) -> object:
+        t0 = time.monotonic()
+        try:
+            return await original(what, method, request, timeout)
+        finally:
+            trace.add("containerd " + " ".join(what.split()[:2]), t0, time.monotonic())
+    return call
+
+
+def _traced(trace: Trace, name: str, original: Any) -> Any:
+    async def wrapped(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.monotonic()
+        try:
+            return await original(*args, **kwargs)
+        finally:
+            trace.add(name, t0, time.monotonic())
+    return wrapped
+
+
+async def traced_pull(ref: str, address: str) -> tuple[PullResult, Trace, float]:
+    """Pull ``ref`` in this process, recording every containerd call and registry request."""
+    trace = Trace()
+    t0 = time.monotonic()
+    cfg = RegistryConfig(plain_http=[Reference.parse(ref).registry])
+    async with RegistryClient(cfg) as registry, ContainerdClient(address) as containerd:
+        containerd._call = _traced_call(trace, containerd._call)  # type: ignore[method-assign]
+        containerd.write_content = _traced(trace, "containerd content write", containerd.write_content)  # type: ignore[method-assign]
+        registry._raw = _traced(trace, "registry request", registry._raw)  # type: ignore[method-assign]
+        registry.resolve = _traced(trace, "registry resolve (manifest + config)", registry.resolve)  # type: ignore[method-assign]
+        result = await RemotePuller(containerd, registry, SNAPSHOTTER).pull(Reference.parse(ref))
+    return result, trace, time.monotonic() - t0
+
+
+def summarize_trace(trace: Trace, start: float) -> list[tuple[str, int, float, float]]:
+    """(step, count, total seconds, time of the last end after ``start``) per step name."""
+    groups: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for name, s, e in trace.steps:
+        groups[name].append((s, e))
+    return sorted(((name, len(v), sum(e - s for s, e in v), max(e for _, e in v) - start)
+                   for name, v in groups.items()), key=lambda r: r[3])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rtt", type=float, default=0.0, help="round-trip time to the registry in ms (delay-line proxy)")
+    ap.add_argument("--log-level", default="info", choices=["debug", "info"], help="of lazyd serve and the snapshotter")
+    ap.add_argument("--keep-logs", type=Path, help="copy each round's daemon logs here")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("run as root (mounts, containerd)", file=sys.stderr)
+        return 2
+    print("## start-up (best of 5, s)")
+    for name, secs in startup_times().items():
+        print(f"{name:32s} {secs:.3f}")
+    walls: list[float] = []
+    traced: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="lazyd-bench-pull-") as tmp, ExitStack() as stack:
+        work = Path(tmp)
+        reg = stack.enter_context(running_registry(work / "registry-root"))
+        src = cached_estargz(debian_python_layout(), "latest", lazyd_builder)
+        push(src, reg.host, "debian-python:esgz")
+        proxy = stack.enter_context(TCPProxy(reg.port, latency=args.rtt / 2000))
+        ref = f"{proxy.host}/debian-python:esgz"
+        for n in range(args.rounds):
+            with lazyd_stack(work / f"wall{n}", args.log_level) as (cd, sock):
+                t0 = time.monotonic()
+                out = subprocess.run(["lazyctl", "rpull", "--plain-http", "--json", "--address", cd.address,
+                                      "--snapshotter", SNAPSHOTTER, "--socket", str(sock), ref],
+                                     capture_output=True, text=True, timeout=300)
+                wall = time.monotonic() - t0
+                if out.returncode != 0:
+                    print(out.stderr, file=sys.stderr)
+                    return 1
+                res = json.loads(out.stdout)
+                walls.append(wall)
+                layers = " ".join(f"{layer['mode']}:{layer['seconds']:.2f}s" for layer in res["layers"])
+                print(f"# round {n}: wall {wall:.3f}s (pull inside {res['seconds']:.3f}s; layers {layers})")
+                if args.keep_logs:
+                    args.keep_logs.mkdir(parents=True, exist_ok=True)
+                    for log in ("lazyd.log", "snapshotter.log"):
+                        (args.keep_logs / f"wall{n}-{log}").write_bytes((work / f"wall{n}" / log).read_bytes())
+            with lazyd_stack(work / f"trace{n}", args.log_level) as (cd, sock):
+                start = time.monotonic()
+                result, trace, secs = asyncio.run(traced_pull(ref, cd.address))
+                traced.append(secs)
+                print(f"# round {n}: in-process pull {secs:.3f}s "
+                      f"({', '.join(f'{layer.mode}' for layer in result.layers)})")
+                print(f"  {'step':44s} {'n':>3s} {'sum s':>7s} {'ends at s':>9s}")
+                for name, count, total, end in summarize_trace(trace, start):
+                    print(f"  {name:44s} {count:3d} {total:7.3f} {end:9.3f}")
+    print(f"\n## lazyctl rpull wall: median {statistics.median(walls):.3f}s (min {min(walls):.3f}s, "
+          f"n={len(walls)}, rtt {args.rtt:g} ms); in-process pull median {statistics.median(traced):.3f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
