@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lazyd.mounttable import unmount_below  # noqa: E402
 from tests.support.containerd import Containerd, start_containerd  # noqa: E402
 from tests.support.images import debian_python_layout, push  # noqa: E402
-from tests.support.lazyd import start_lazyd  # noqa: E402
+from tests.support.lazyd import start_lazyd, start_snapshotter  # noqa: E402
 from tests.support.netem import throttled_proxy  # noqa: E402
 from tests.support.procs import Proc, wait_until  # noqa: E402
 from tests.support.registry import Registry, start_registry  # noqa: E402
@@ -121,12 +121,11 @@ def lazyd_stack(root: Path, settings: dict[str, str] | None = None) -> Iterator[
     with ExitStack() as stack:
         sock = stack.enter_context(lazyd_daemon(root / "lazyd", settings))
         snap_sock = root / "snapshotter.sock"
-        snap = Proc(["lazyd", "snapshotter", "--root", str(root / "snapshotter"), "--address", str(snap_sock),
-                     "--lazyd-socket", str(sock)], root / "snapshotter.log")
+        try:
+            snap = start_snapshotter(root / "snapshotter", snap_sock, sock, root / "snapshotter.log")
+        except RuntimeError as exc:
+            raise BenchError(str(exc)) from None
         stack.callback(snap.stop)
-        wait_until(lambda: snap_sock.exists() or not snap.alive(), 30, "lazyd snapshotter socket")
-        if not snap.alive():
-            raise BenchError(f"lazyd snapshotter exited:\n{snap.log_text()[-3000:]}")
         cd = start_containerd(root / "containerd", snapshotter_address=str(snap_sock))
         stack.callback(cd.stop)
         yield cd, sock

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
 import statistics
@@ -42,8 +41,7 @@ from lazyd.registry.reference import Reference  # noqa: E402
 from tests.e2e.images import cached_estargz, lazyd_builder  # noqa: E402
 from tests.support.containerd import Containerd, start_containerd  # noqa: E402
 from tests.support.images import debian_python_layout, push  # noqa: E402
-from tests.support.lazyd import start_lazyd  # noqa: E402
-from tests.support.procs import Proc, wait_until  # noqa: E402
+from tests.support.lazyd import start_lazyd, start_snapshotter  # noqa: E402
 from tests.support.registry import running_registry  # noqa: E402
 from tests.support.tcpproxy import TCPProxy  # noqa: E402
 
@@ -60,12 +58,9 @@ def lazyd_stack(root: Path, log_level: str) -> Iterator[tuple[Containerd, Path]]
         daemon = start_lazyd(root / "lazyd", root / "lazyd.sock", root / "lazyd.log", config=config)
         stack.callback(daemon.close, unmount=root)
         snap_sock = root / "snapshotter.sock"
-        snap = Proc(["lazyd", "snapshotter", "--root", str(root / "snapshotter"), "--address", str(snap_sock),
-                     "--lazyd-socket", str(daemon.socket), "--log-level", log_level], root / "snapshotter.log")
+        snap = start_snapshotter(root / "snapshotter", snap_sock, daemon.socket, root / "snapshotter.log",
+                                 ("--log-level", log_level))
         stack.callback(snap.stop)
-        wait_until(lambda: snap_sock.exists() or not snap.alive(), 30, "lazyd snapshotter socket")
-        if not snap.alive():
-            raise RuntimeError(f"lazyd snapshotter exited:\n{snap.log_text()[-3000:]}")
         cd = start_containerd(root / "containerd", snapshotter_address=str(snap_sock))
         stack.callback(cd.stop)
         yield cd, daemon.socket

@@ -164,3 +164,21 @@ def unmount_all_below(path: Path, rounds: int = 4) -> None:
             return
         unmount_below(path)
         time.sleep(0.05)
+
+
+def start_snapshotter(root: Path, address: Path, lazyd_socket: Path, log: Path, args: Sequence[str] = (),
+                      timeout: float = 30) -> Proc:
+    """Start ``lazyd snapshotter`` serving ``address`` for the lazyd at ``lazyd_socket``; wait for its socket.
+
+    Raises RuntimeError (with the log's tail) when it exits first; the caller stops the returned Proc.
+    """
+    snap = Proc(["lazyd", "snapshotter", "--root", str(root), "--address", str(address),
+                 "--lazyd-socket", str(lazyd_socket), *args], log)
+    try:
+        wait_until(lambda: address.exists() or not snap.alive(), timeout, "lazyd snapshotter socket")
+    except TimeoutError:
+        snap.stop()
+        raise
+    if not snap.alive():
+        raise RuntimeError(f"lazyd snapshotter exited:\n{snap.log_text()[-3000:]}")
+    return snap
