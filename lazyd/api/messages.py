@@ -274,17 +274,23 @@ class WorkerMountStatus(Message):
     cache_misses: int = 0
     fetch_errors: int = 0
     last_error: str | None = None
+    opens: int = 0
 
 
 @dataclass(frozen=True)
 class WorkerStatusResult(Message):
-    """``worker.status`` result."""
+    """``worker.status`` result.
+
+    ``no_open`` is true when the worker's llfuse passes the inode to ``read`` (lazyd's
+    patched build), so the kernel opens files without asking the worker.
+    """
 
     pid: int
     worker_id: int
     fuse_root: str
     fetcher_connected: bool
     mounts: list[WorkerMountStatus] = _f([])
+    no_open: bool = False
 
 
 # -- main ops (clients -> fetcher) ---------------------------------------------------

@@ -43,6 +43,7 @@ class MountCounters:
     cache_misses: int = 0
     fetch_errors: int = 0
     last_error: str | None = None
+    opens: int = 0  # OPEN requests that reached the worker (at most one with no_open)
 
 
 @dataclass

@@ -255,10 +255,11 @@ class Worker:
                 mount_id=r.layer.mount_id, mountpoint=r.mountpoint, layer_digest=r.layer.layer_digest,
                 toc_digest=r.toc_digest, blob_size=r.blob_size, reads=c.reads, bytes_read=c.bytes_read,
                 cache_hits=c.cache_hits, cache_misses=c.cache_misses, fetch_errors=c.fetch_errors,
-                last_error=c.last_error))
+                last_error=c.last_error, opens=c.opens))
         return messages.WorkerStatusResult(pid=os.getpid(), worker_id=self.opts.worker_id,
                                            fuse_root=str(self.opts.fuse_root),
-                                           fetcher_connected=self.fetcher.connected, mounts=out)
+                                           fetcher_connected=self.fetcher.connected, mounts=out,
+                                           no_open=self.fs.no_open)
 
     def shutdown(self) -> None:
         """Unmount every bind and the FUSE mount; the main loop then ends and the process exits."""

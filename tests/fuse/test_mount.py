@@ -79,6 +79,29 @@ def test_second_read_comes_from_page_cache(worker_env: WorkerEnv, rich_layer: Bu
     assert worker_env.fetcher.stats.requests == fetches
 
 
+def test_kernel_opens_files_without_asking_the_worker(worker_env: WorkerEnv, rich_layer: BuiltLayer) -> None:
+    """With lazyd's llfuse build the first OPEN is answered ENOSYS (kernel no_open):
+    later opens send no OPEN/RELEASE, reads get the inode, and the page cache stays."""
+    worker_env.start_worker()
+    mnt = worker_env.mount(rich_layer, "noopen")
+    assert worker_env.control("worker.status")["no_open"] is True, (
+        "llfuse lacks lazyd's readino patch: run contrib/llfuse/build.sh")
+    names = sorted((mnt / "many").iterdir())[:200]
+    first = {p.name: read_file(p) for p in names}
+    assert first["f0003"] == b"small file 3\n" * 4
+    after_first = worker_env.mount_status("noopen")
+    assert after_first["opens"] == 1  # only the one that switched the kernel to no_open
+    assert after_first["reads"] >= len(names)
+    for _ in range(3):
+        assert {p.name: read_file(p) for p in names} == first
+    after = worker_env.mount_status("noopen")
+    assert (after["opens"], after["reads"]) == (1, after_first["reads"])  # nothing reached the worker
+    # Files in other layers of the same worker are still told apart by inode.
+    other = worker_env.mount(rich_layer, "noopen2")
+    assert read_file(other / "many/f0005") == first["f0005"]
+    assert read_file(other / "etc/hostname") == b"lazyd\n"
+
+
 def test_concurrent_misses_on_one_chunk_make_one_fetch(worker_env: WorkerEnv, rich_layer: BuiltLayer) -> None:
     worker_env.start_worker()
     mnt = worker_env.mount(rich_layer, "sf")
