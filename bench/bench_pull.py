@@ -9,7 +9,7 @@ optionally through a delay-line proxy (``--rtt``; no qdiscs). It reports:
   (best of 5 runs, each a new interpreter, minus a bare ``python3 -c pass``);
 * ``wall``: ``lazyctl rpull`` as a subprocess, as bench/bench_e2e.py times it;
 * ``trace``: the same pull run in this process (imports already paid), with the time of
-  every registry request and containerd call; snapshot Prepare of a lazily mounted layer
+  lazyd's ``resolve`` and every containerd call; snapshot Prepare of a lazily mounted layer
   includes the snapshotter's lazyd ``mount`` (footer + TOC fetch + FUSE mount).
 
 Run as root:  python3 bench/bench_pull.py --rounds 5 [--rtt 10]
@@ -36,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lazyd.containerd.client import ContainerdClient  # noqa: E402
 from lazyd.containerd.pull import PullResult, RemotePuller  # noqa: E402
-from lazyd.registry import RegistryClient, RegistryConfig  # noqa: E402
+from lazyd.containerd.source import LazydSource  # noqa: E402
+from lazyd.registry import RegistryConfig  # noqa: E402
 from lazyd.registry.reference import Reference  # noqa: E402
 from tests.e2e.images import cached_estargz, lazyd_builder  # noqa: E402
 from tests.support.containerd import Containerd, start_containerd  # noqa: E402
@@ -80,7 +81,7 @@ def startup_times() -> dict[str, float]:
     """Interpreter and import cost of lazyctl, net of a bare interpreter."""
     bare = best_of([sys.executable, "-c", "pass"])
     imports = ("import lazyd.cli.lazyctl as m, lazyd.cli.rpull_cmd, lazyd.containerd.pull, lazyd.containerd.client, "
-               "lazyd.registry.client; m.build_parser()")
+               "lazyd.containerd.source; m.build_parser()")
     return {
         "python3 -c pass": bare,
         "lazyctl --help": best_of([sys.executable, "-m", "lazyd.cli.lazyctl", "--help"]),
@@ -119,17 +120,16 @@ def _traced(trace: Trace, name: str, original: Any) -> Any:
     return wrapped
 
 
-async def traced_pull(ref: str, address: str) -> tuple[PullResult, Trace, float]:
-    """Pull ``ref`` in this process, recording every containerd call and registry request."""
+async def traced_pull(ref: str, address: str, lazyd_socket: Path) -> tuple[PullResult, Trace, float]:
+    """Pull ``ref`` in this process as ``lazyctl rpull`` does, recording every containerd call."""
     trace = Trace()
     t0 = time.monotonic()
     cfg = RegistryConfig(plain_http=[Reference.parse(ref).registry])
-    async with RegistryClient(cfg) as registry, ContainerdClient(address) as containerd:
+    async with LazydSource(str(lazyd_socket), cfg) as source, ContainerdClient(address) as containerd:
         containerd._call = _traced_call(trace, containerd._call)  # type: ignore[method-assign]
         containerd.write_content = _traced(trace, "containerd content write", containerd.write_content)  # type: ignore[method-assign]
-        registry._raw = _traced(trace, "registry request", registry._raw)  # type: ignore[method-assign]
-        registry.resolve = _traced(trace, "registry resolve (manifest + config)", registry.resolve)  # type: ignore[method-assign]
-        result = await RemotePuller(containerd, registry, SNAPSHOTTER).pull(Reference.parse(ref))
+        source.resolve = _traced(trace, "lazyd resolve (manifest + config)", source.resolve)  # type: ignore[method-assign]
+        result = await RemotePuller(containerd, source, SNAPSHOTTER).pull(Reference.parse(ref))
     return result, trace, time.monotonic() - t0
 
 
@@ -184,7 +184,7 @@ def main() -> int:
                         (args.keep_logs / f"wall{n}-{log}").write_bytes((work / f"wall{n}" / log).read_bytes())
             with lazyd_stack(work / f"trace{n}", args.log_level) as (cd, sock):
                 start = time.monotonic()
-                result, trace, secs = asyncio.run(traced_pull(ref, cd.address))
+                result, trace, secs = asyncio.run(traced_pull(ref, cd.address, sock))
                 traced.append(secs)
                 print(f"# round {n}: in-process pull {secs:.3f}s "
                       f"({', '.join(f'{layer.mode}' for layer in result.layers)})")

@@ -55,6 +55,7 @@ MAX_TEXT = 4096
 MAX_ID = 128
 MAX_FETCH_CHUNKS = 4096
 MAX_LIST = 100_000
+MAX_BLOB = 4 * 1024 * 1024  # a manifest, index or config carried in a message
 DIGEST_RE = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,256}$")
 MOUNT_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 PRIORITIES = ("demand", "prefetch", "background")
@@ -86,6 +87,8 @@ def _check_meta(value: Any, meta: dict[str, Any], name: str) -> None:
             raise ApiError(INVALID_REQUEST, f"{name}: {value[:80]!r} is not an absolute path")
         if meta.get("absolute") and "\0" in value:
             raise ApiError(INVALID_REQUEST, f"{name}: path contains a NUL byte")
+    if isinstance(value, bytes) and len(value) > meta.get("max_len", MAX_BLOB):
+        raise ApiError(INVALID_REQUEST, f"{name}: {len(value)} bytes exceed {meta.get('max_len', MAX_BLOB)}")
     choices = meta.get("choices")
     if choices is not None and value is not None and value not in choices:
         raise ApiError(INVALID_REQUEST, f"{name}: {value!r} is not one of {', '.join(map(str, choices))}")
@@ -157,6 +160,10 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if tp is str:
         if not isinstance(value, str):
             raise ApiError(INVALID_REQUEST, f"{name}: expected a string, got {type(value).__name__}")
+        return value
+    if tp is bytes:
+        if not isinstance(value, bytes):
+            raise ApiError(INVALID_REQUEST, f"{name}: expected bytes, got {type(value).__name__}")
         return value
     raise ApiError(INTERNAL, f"{name}: unsupported message field type {tp!r}")
 
@@ -239,7 +246,12 @@ class FetchArgs(Message):
 
 @dataclass(frozen=True)
 class WorkerMountArgs(Message):
-    """``worker.mount``: serve a layer whose verified TOC is in ``toc_path``."""
+    """``worker.mount``: serve a layer whose verified TOC is in ``toc_path``.
+
+    ``inodes_path``, when given, holds the layer's inode table as the fetcher built it
+    (``InodeTable.dumps``); the worker uses it instead of parsing the TOC, unless it is
+    unreadable or tagged with another TOC digest.
+    """
 
     mount_id: str = _f(pattern=MOUNT_ID_RE, what="mount id", max_len=MAX_ID)
     mountpoint: str = _f(**_PATH)
@@ -247,6 +259,7 @@ class WorkerMountArgs(Message):
     toc_digest: str = _f(**_DIGEST)
     toc_path: str = _f(**_PATH)
     blob_size: int = _f(min=0)
+    inodes_path: str | None = _f(None, **_PATH)
 
 
 @dataclass(frozen=True)
@@ -459,6 +472,33 @@ class FallbackArgs(Message):
     reason: str = _f(max_len=MAX_TEXT)
 
 
+@dataclass(frozen=True)
+class ResolveArgs(Message):
+    """``resolve``: fetch the manifest and config of ``ref`` for the daemon's platform.
+
+    Lets a client such as ``lazyctl rpull`` pull an image without talking to the
+    registry itself: lazyd has the registry configuration, the credentials and warm
+    connections.
+    """
+
+    ref: str = _f(max_len=MAX_REF)
+
+
+@dataclass(frozen=True)
+class ResolveResult(Message):
+    """The raw bytes as the registry served them (digests verified); ``index*`` are set
+    when ``ref`` named an index and the manifest was picked from it."""
+
+    ref: str = _f(max_len=MAX_REF)
+    manifest_digest: str = _f(**_DIGEST)
+    manifest_media_type: str = _f(max_len=MAX_TEXT)
+    manifest: bytes = _f()
+    config: bytes = _f()
+    index_digest: str | None = _f(None, **_DIGEST)
+    index_media_type: str | None = _f(None, max_len=MAX_TEXT)
+    index: bytes = _f(b"")
+
+
 OPS: dict[str, tuple[type[Message], type[Message]]] = {
     "fetch": (FetchArgs, Empty),
     "mount": (MountArgs, MountResult),
@@ -468,6 +508,7 @@ OPS: dict[str, tuple[type[Message], type[Message]]] = {
     "mounts": (Empty, MountsResult),
     "cache": (CacheArgs, CacheStats),
     "fallback": (FallbackArgs, Empty),
+    "resolve": (ResolveArgs, ResolveResult),
     "shutdown": (Empty, Empty),
 }
 """Main-socket ops: name -> (args class, result class)."""

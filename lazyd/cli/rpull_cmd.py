@@ -30,17 +30,22 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
         help="pull an image into containerd, mounting eStargz layers lazily",
         description="Resolve REF, store its index/manifest/config in containerd and build the snapshot chain "
         "through the snapshotter with remote labels (like `ctr-remote images rpull`). Layers the snapshotter "
-        "cannot mount lazily are downloaded and applied in full.",
+        "cannot mount lazily are downloaded and applied in full. REF is resolved by lazyd (its registry "
+        "configuration applies) when lazyd runs; --plain-http and --hosts-dir apply to what rpull fetches "
+        "itself: layers pulled in full, and REF when lazyd is not running.",
     )
     p.add_argument("ref", metavar="REF", help="image reference, e.g. 127.0.0.1:5000/app:latest")
-    p.add_argument("--plain-http", action="store_true", help="talk plain HTTP to REF's registry")
-    p.add_argument("--hosts-dir", default=None, help="containerd-style certs.d directory with hosts.toml files")
+    p.add_argument("--plain-http", action="store_true",
+                   help="talk plain HTTP to REF's registry (for what rpull fetches itself)")
+    p.add_argument("--hosts-dir", default=None,
+                   help="containerd-style certs.d directory with hosts.toml files (for what rpull fetches itself)")
     p.add_argument("--address", default=DEFAULT_ADDRESS, help=f"containerd socket (default {DEFAULT_ADDRESS})")
     p.add_argument("--namespace", default=DEFAULT_NAMESPACE, help=f"containerd namespace (default {DEFAULT_NAMESPACE})")
     p.add_argument("--snapshotter", default=DEFAULT_SNAPSHOTTER,
                    help=f"containerd snapshotter to unpack into (default {DEFAULT_SNAPSHOTTER})")
     p.add_argument("--socket", default=DEFAULT_SOCKET,
-                   help=f"lazyd's socket, asked why a layer was not mounted lazily (default {DEFAULT_SOCKET})")
+                   help=f"lazyd's socket: it resolves REF and says why a layer was not mounted lazily "
+                   f"(default {DEFAULT_SOCKET})")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=run)
 
@@ -96,7 +101,8 @@ def _lazyd_reasons(socket_path: str) -> "Callable[[str], Awaitable[str | None]]"
 async def _pull(args: argparse.Namespace, observer: _BarObserver) -> "PullResult":
     from lazyd.containerd.client import ContainerdClient
     from lazyd.containerd.pull import RemotePuller
-    from lazyd.registry import RegistryClient, RegistryConfig
+    from lazyd.containerd.source import LazydSource
+    from lazyd.registry import RegistryConfig
     from lazyd.registry.reference import Reference
 
     ref = Reference.parse(args.ref)
@@ -105,10 +111,12 @@ async def _pull(args: argparse.Namespace, observer: _BarObserver) -> "PullResult
         cfg = dataclasses.replace(cfg, hosts_dir=args.hosts_dir)
     if args.plain_http:
         cfg = dataclasses.replace(cfg, plain_http=[*cfg.plain_http, ref.registry])
-    async with RegistryClient(cfg) as registry, ContainerdClient(args.address, args.namespace) as containerd:
-        puller = RemotePuller(containerd, registry, args.snapshotter, observer=observer,
+    async with LazydSource(args.socket, cfg) as source, ContainerdClient(args.address, args.namespace) as containerd:
+        puller = RemotePuller(containerd, source, args.snapshotter, observer=observer,
                               fallback_reasons=_lazyd_reasons(args.socket))
-        return await puller.pull(ref)
+        result = await puller.pull(ref)
+        result.resolved_by = source.resolved_by
+        return result
 
 
 def run(args: argparse.Namespace) -> int:
@@ -116,13 +124,14 @@ def run(args: argparse.Namespace) -> int:
 
     from lazyd.containerd.errors import ContainerdError
     from lazyd.containerd.pull import PullError
+    from lazyd.containerd.source import ResolveError
     from lazyd.registry.errors import RegistryError
 
     started = time.monotonic()
     try:
         with progress(None, "resolving", enabled=not args.json) as bar:
             result = asyncio.run(_pull(args, _BarObserver(bar)))
-    except (PullError, ContainerdError, RegistryError) as err:
+    except (PullError, ContainerdError, RegistryError, ResolveError) as err:
         return fail(f"rpull {args.ref}: {err}")
     if args.json:
         print_json(result.to_json())

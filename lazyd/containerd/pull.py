@@ -1,6 +1,6 @@
 """Remote pull into containerd (what ctr-remote's ``images rpull`` does).
 
-1. Resolve the manifest with the registry client.
+1. Resolve the manifest (through lazyd's ``resolve`` op, or with a registry client).
 2. Under a lease, write index, manifest and config into containerd's content store with
    the gc labels containerd's own pull sets (concurrently with step 3: the lease protects
    both, and nothing in the snapshot chain needs them).
@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from lazyd.registry import RegistryClient
 from lazyd.registry.reference import Reference
 from lazyd.registry.types import Descriptor, Image
 
@@ -69,6 +68,7 @@ class PullResult:
     layers: list[LayerResult] = field(default_factory=list)
     bytes_fetched: int = 0
     seconds: float = 0.0
+    resolved_by: str = ""  # "lazyd" or "registry" (see lazyd.containerd.source)
 
     @property
     def full_layers(self) -> list[LayerResult]:
@@ -76,6 +76,13 @@ class PullResult:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class ImageSource(Protocol):
+    """Resolves images and downloads whole blobs (``RegistryClient``, ``LazydSource``)."""
+
+    async def resolve(self, ref: Reference) -> Image: ...
+    async def fetch_blob(self, ref: Reference, digest: str, path: str, progress: Callable[[int], None]) -> int: ...
 
 
 class PullObserver(Protocol):
@@ -124,7 +131,7 @@ FallbackReasons = Callable[[str], Awaitable[str | None]]
 class RemotePuller:
     """Pull one image into containerd through ``snapshotter``."""
 
-    def __init__(self, containerd: ContainerdClient, registry: RegistryClient, snapshotter: str,
+    def __init__(self, containerd: ContainerdClient, registry: ImageSource, snapshotter: str,
                  observer: PullObserver | None = None, workdir: str | None = None,
                  fallback_reasons: FallbackReasons | None = None) -> None:
         self.containerd = containerd

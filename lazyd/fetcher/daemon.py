@@ -15,7 +15,7 @@ import os
 import signal
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,8 @@ from lazyd.api.messages import (
     MountInfo,
     MountResult,
     MountsResult,
+    ResolveArgs,
+    ResolveResult,
     StatusResult,
     Totals,
     UnmountArgs,
@@ -51,7 +53,7 @@ from lazyd import mounttable
 from lazyd.api.server import Handler, Server
 from lazyd.cache.store import ChunkStore
 from lazyd.config import DaemonConfig
-from lazyd.fetcher.layers import Layer, LayerTable, Member
+from lazyd.fetcher.layers import Layer, LayerTable, Member, registry_error
 from lazyd.fetcher.scheduler import Scheduler
 from lazyd.fetcher.workers import Supervisor, WorkerError, WorkerHandle
 from lazyd.registry import InvalidReferenceError, Reference, RegistryClient, RegistryError
@@ -246,8 +248,16 @@ class Daemon:
     async def _worker_mount(self, handle: WorkerHandle, record: MountRecord, layer: Layer) -> None:
         args = WorkerMountArgs(mount_id=record.mount_id, mountpoint=record.mountpoint, layer_digest=layer.digest,
                                toc_digest=layer.meta.toc_digest, toc_path=str(layer.toc_path),
-                               blob_size=layer.meta.blob_size)
-        await handle.call("worker.mount", args, timeout=self.config.mount_timeout)
+                               blob_size=layer.meta.blob_size,
+                               inodes_path=str(layer.inodes_path) if layer.inodes_path else None)
+        try:
+            await handle.call("worker.mount", args, timeout=self.config.mount_timeout)
+        except ApiError as exc:
+            if args.inodes_path is None or "unknown field 'inodes_path'" not in exc.message:
+                raise
+            # An adopted worker of an older lazyd: it parses the TOC itself.
+            await handle.call("worker.mount", replace(args, inodes_path=None),
+                              timeout=self.config.mount_timeout)
 
     async def _worker_died(self, handle: WorkerHandle) -> None:
         """Mark the worker's mounts broken, start a new worker and mount them again."""
@@ -287,6 +297,7 @@ class Daemon:
             "mounts": (Empty, self._after_restore(self.op_mounts)),
             "cache": (CacheArgs, self._after_restore(self.op_cache)),
             "fallback": (FallbackArgs, self.op_fallback),
+            "resolve": (ResolveArgs, self.op_resolve),
             "shutdown": (Empty, self._after_restore(self.op_shutdown)),
         }
 
@@ -515,6 +526,23 @@ class Daemon:
         self.fallbacks.append(FallbackInfo(args.ref, args.layer_digest, args.reason, time.time()))
         del self.fallbacks[:-MAX_FALLBACKS_SHOWN]
         log.info("fallback for layer %s of %s: %s", args.layer_digest, args.ref, args.reason)
+
+    async def op_resolve(self, args: ResolveArgs) -> ResolveResult:
+        self.scheduler.note_activity()  # a pull is starting: hold background fetch back
+        try:
+            ref = Reference.parse(args.ref)
+        except (InvalidReferenceError, ValueError) as exc:
+            raise ApiError(INVALID_REQUEST, f"ref: {exc}") from None
+        try:
+            image = await asyncio.wait_for(self.registry.resolve(ref), self.config.mount_timeout)
+        except asyncio.TimeoutError:
+            raise ApiError("timeout", f"resolving {ref} took longer than {self.config.mount_timeout}s") from None
+        except RegistryError as exc:
+            raise registry_error(exc) from None
+        return ResolveResult(ref=str(image.ref), manifest_digest=image.manifest_digest,
+                             manifest_media_type=image.manifest_media_type, manifest=image.manifest_bytes,
+                             config=image.config_bytes, index_digest=image.index_digest,
+                             index_media_type=image.index_media_type, index=image.index_bytes)
 
     async def op_shutdown(self, _args: Empty) -> None:
         self._clean = True

@@ -3,7 +3,9 @@
 A layer is opened once per digest (concurrent opens share the work) and its
 verified TOC is persisted under ``<root>/layers/<algo>-<hex>/`` (``meta.json`` +
 ``toc.json``) so that workers can load it and a restarted fetcher can serve
-adopted mounts without the registry.
+adopted mounts without the registry.  Next to it goes ``inodes.msgpack``: the
+worker's inode table, built once here while the TOC is parsed, so that a worker
+mounts a layer without parsing its TOC again (it falls back to ``toc.json``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from lazyd.estargz import (
     decode_toc_member,
     read_footer,
 )
+from lazyd.fuse.inodes import InodeTable, InodeTableError
 from lazyd.registry import (
     DigestMismatchError,
     NotFoundError,
@@ -45,6 +48,7 @@ from lazyd.registry import (
     UnreachableError,
 )
 
+INODES_FILE = "inodes.msgpack"
 TAIL_SIZE = 64 * 1024
 """Bytes read from the end of a blob in the first request (footer and, usually, the TOC)."""
 
@@ -123,6 +127,7 @@ class Layer:
     members: list[Member]
     by_chunk: dict[tuple[int, int], Member]
     counters: LayerCounters = field(default_factory=LayerCounters)
+    inodes_path: Path | None = None
 
     @property
     def digest(self) -> str:
@@ -133,7 +138,7 @@ class Layer:
         return Reference.parse(self.meta.ref)
 
     @classmethod
-    def build(cls, meta: LayerMeta, toc: TOC, toc_path: Path) -> Layer:
+    def build(cls, meta: LayerMeta, toc: TOC, toc_path: Path, inodes_path: Path | None = None) -> Layer:
         groups: dict[int, list[Chunk]] = {}
         for chunk in toc.chunks:
             groups.setdefault(chunk.blob_offset, []).append(chunk)
@@ -146,7 +151,7 @@ class Layer:
             members.append(member)
             for chunk in chunks:
                 by_chunk[(chunk.blob_offset, chunk.inner_offset)] = member
-        return cls(meta, toc, toc_path, members, by_chunk)
+        return cls(meta, toc, toc_path, members, by_chunk, inodes_path=inodes_path)
 
 
 def layer_dir(root: Path, digest: str) -> Path:
@@ -232,23 +237,24 @@ class LayerTable:
             (member,) = await self.client.fetch_ranges(ref, digest, [(footer.toc_offset, toc_end - footer.toc_offset)])
             counters.registry_requests += 1
         try:
-            json_bytes = await asyncio.to_thread(decode_toc_member, member)
-            toc = await asyncio.to_thread(TOC.parse, json_bytes, toc_digest, footer.toc_offset)
+            json_bytes, toc, inodes = await asyncio.to_thread(_parse_toc, member, toc_digest, footer.toc_offset)
         except TOCDigestMismatch as exc:
             raise ApiError(DIGEST_MISMATCH, f"layer {digest} of {ref}: {exc}") from None
-        except EStargzError as exc:
+        except (EStargzError, InodeTableError) as exc:
             raise ApiError(NOT_ESTARGZ, f"layer {digest} of {ref}: {exc}") from None
         meta = LayerMeta(str(ref), digest, toc_digest, blob_size, footer.toc_offset)
-        toc_path = self._persist(meta, json_bytes)
-        layer = Layer.build(meta, toc, toc_path)
+        toc_path = self._persist(meta, json_bytes, inodes)
+        layer = Layer.build(meta, toc, toc_path, toc_path.with_name(INODES_FILE))
         layer.counters = counters
         self._layers[digest] = layer
         return layer
 
-    def _persist(self, meta: LayerMeta, json_bytes: bytes) -> Path:
+    def _persist(self, meta: LayerMeta, json_bytes: bytes, inodes: bytes) -> Path:
         d = layer_dir(self.root, meta.layer_digest)
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
         _atomic_write(d / "toc.json", json_bytes)
+        # A derived cache: a worker checks it and falls back to toc.json, so no fsync.
+        _atomic_write(d / INODES_FILE, inodes, sync=False)
         _atomic_write(d / "meta.json", json.dumps(asdict(meta)).encode())
         return d / "toc.json"
 
@@ -265,14 +271,23 @@ class LayerTable:
             toc = TOC.parse(json_bytes, meta.toc_digest, meta.toc_offset)
         except EStargzError as exc:
             raise ApiError(INTERNAL, f"persisted TOC of layer {digest} is invalid: {exc}") from None
-        return Layer.build(meta, toc, d / "toc.json")
+        inodes = d / INODES_FILE
+        return Layer.build(meta, toc, d / "toc.json", inodes if inodes.exists() else None)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _parse_toc(member: bytes, toc_digest: str, toc_offset: int) -> tuple[bytes, TOC, bytes]:
+    """(JSON bytes, verified TOC, dumped inode table) of a TOC member; runs in a thread."""
+    json_bytes = decode_toc_member(member)
+    toc = TOC.parse(json_bytes, toc_digest, toc_offset)
+    return json_bytes, toc, InodeTable.from_toc(toc).dumps(toc_digest)
+
+
+def _atomic_write(path: Path, data: bytes, sync: bool = True) -> None:
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)

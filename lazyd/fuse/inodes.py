@@ -18,7 +18,9 @@ import stat
 import struct
 from array import array
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import msgpack
 
 if TYPE_CHECKING:
     from lazyd.estargz import TOC, TOCEntry
@@ -41,6 +43,11 @@ _TYPE_BITS = {
     "block": stat.S_IFBLK,
     "fifo": stat.S_IFIFO,
 }
+
+
+# Version of the ``dumps`` format; ``loads`` refuses any other.
+_DUMP_VERSION = 1
+_ARRAYS = ("_parent", "_chunk_start", "_chunk_count", "_c_file_off", "_c_size", "_c_blob_off", "_c_inner_off")
 
 
 class InodeTableError(Exception):
@@ -95,6 +102,45 @@ class InodeTable:
         self._links: dict[int, bytes] = {}
         self._xattrs: dict[int, dict[bytes, bytes]] = {}
         self.total_size = 0
+
+    # -- serialized form ---------------------------------------------------
+
+    def dumps(self, toc_digest: str) -> bytes:
+        """The table as msgpack, tagged with the digest of the TOC it was built from.
+
+        The fetcher builds the table once and hands it to a worker (``loads``), so the
+        worker neither parses the TOC again nor rebuilds the table.
+        """
+        return msgpack.packb([_DUMP_VERSION, toc_digest, bytes(self._attrs),
+                              [getattr(self, a).tobytes() for a in _ARRAYS],
+                              self._dirs, self._links, self._xattrs, self.total_size])
+
+    @classmethod
+    def loads(cls, data: bytes, toc_digest: str) -> "InodeTable":
+        """A table from ``dumps``; InodeTableError if it is damaged or from another TOC."""
+        try:
+            doc: Any = msgpack.unpackb(data, strict_map_key=False)
+            version, digest, attrs, arrays, dirs, links, xattrs, total_size = doc
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise InodeTableError(f"inode table dump is damaged: {exc}") from None
+        if version != _DUMP_VERSION or digest != toc_digest:
+            raise InodeTableError(f"inode table dump is version {version!r} of TOC {digest!r}, "
+                                  f"not version {_DUMP_VERSION} of {toc_digest}")
+        table = cls()
+        try:
+            table._attrs = bytearray(attrs)
+            for name, raw in zip(_ARRAYS, arrays, strict=True):
+                getattr(table, name).frombytes(raw)
+        except (ValueError, TypeError) as exc:
+            raise InodeTableError(f"inode table dump is damaged: {exc}") from None
+        n = len(table._parent)
+        if (len(table._attrs) != n * _ATTR.size or len(table._chunk_start) != n or len(table._chunk_count) != n
+                or not all(isinstance(d, dict) for d in (dirs, links, xattrs)) or type(total_size) is not int
+                or len({len(table._c_file_off), len(table._c_size), len(table._c_blob_off),
+                        len(table._c_inner_off)}) != 1):
+            raise InodeTableError("inode table dump is damaged: its columns do not line up")
+        table._dirs, table._links, table._xattrs, table.total_size = dirs, links, xattrs, total_size
+        return table
 
     # -- construction ------------------------------------------------------
 

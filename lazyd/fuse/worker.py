@@ -201,14 +201,7 @@ class Worker:
                 raise ApiError(messages.ALREADY_EXISTS, f"mount id {mount_id!r} is already mounted")
             if any(r.mountpoint == mountpoint for r in self.mounts.values()):
                 raise ApiError(messages.ALREADY_EXISTS, f"{mountpoint} is already served by this worker")
-            try:
-                data = Path(args.toc_path).read_bytes()
-            except OSError as exc:
-                raise ApiError(messages.INVALID_REQUEST, f"worker.mount: cannot read toc_path: {exc}") from exc
-            try:
-                table = InodeTable.from_toc(TOC.parse(data, expected_digest=args.toc_digest))
-            except (EStargzError, InodeTableError) as exc:
-                raise ApiError(messages.INVALID_REQUEST, f"worker.mount: TOC of {args.layer_digest}: {exc}") from exc
+            table = self._inode_table(args)
             if mounts.is_dead(mountpoint):
                 log.warning("lazily unmounting a dead mount at %s", mountpoint)
                 mounts.unmount_all_at(mountpoint)
@@ -230,6 +223,22 @@ class Worker:
             self.mounts[mount_id] = MountRecord(layer, mountpoint, args.toc_digest, args.blob_size)
             log.info("mounted %s (%s, %d inodes) at %s", mount_id, args.layer_digest, len(table), mountpoint)
             return messages.WorkerMountResult(fuse_path=fuse_path)
+
+    def _inode_table(self, args: messages.WorkerMountArgs) -> InodeTable:
+        """The layer's inode table: the fetcher's dump when it is sound, else built from the TOC."""
+        if args.inodes_path is not None:
+            try:
+                return InodeTable.loads(Path(args.inodes_path).read_bytes(), args.toc_digest)
+            except (OSError, InodeTableError) as exc:
+                log.warning("inode table %s unusable (%s); building it from the TOC", args.inodes_path, exc)
+        try:
+            data = Path(args.toc_path).read_bytes()
+        except OSError as exc:
+            raise ApiError(messages.INVALID_REQUEST, f"worker.mount: cannot read toc_path: {exc}") from exc
+        try:
+            return InodeTable.from_toc(TOC.parse(data, expected_digest=args.toc_digest))
+        except (EStargzError, InodeTableError) as exc:
+            raise ApiError(messages.INVALID_REQUEST, f"worker.mount: TOC of {args.layer_digest}: {exc}") from exc
 
     def unmount(self, mount_id: str) -> None:
         with self._ops_lock:

@@ -9,7 +9,6 @@ Redirects are followed by hand so that ``Authorization`` never reaches another h
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from .errors import (DigestMismatchError, ManifestError, NotFoundError, RangeNot
 from .hosts import CAP_PULL, CAP_PUSH, CAP_RESOLVE, Endpoint, is_local, load_endpoints
 from .platforms import Platform
 from .reference import Reference, validate_digest
-from .types import INDEX_TYPES, MANIFEST_TYPES, Descriptor, Image, RegistryStats
+from .types import INDEX_TYPES, MANIFEST_TYPES, Descriptor, Image, RegistryStats, digest_of, hasher
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +41,6 @@ _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _DOWN_SECONDS = 30.0
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 ProgressFn = Callable[[int], None]
-
-
-def hasher(digest: str) -> "hashlib._Hash":
-    """A hash object for ``digest``'s algorithm (sha256 or sha512)."""
-    algo = digest.split(":", 1)[0]
-    if algo not in ("sha256", "sha512"):
-        raise DigestMismatchError(f"unsupported digest algorithm in {digest}")
-    return hashlib.new(algo)
-
-
-def digest_of(data: bytes, algo: str = "sha256") -> str:
-    return f"{algo}:{hashlib.new(algo, data).hexdigest()}"
 
 
 class _Response:
@@ -390,24 +377,13 @@ class RegistryClient:
     async def _image(self, ref: Reference, body: bytes, media_type: str, digest: str,
                      index: tuple[bytes, str, str] | None) -> Image:
         """The image of manifest ``body``; ``index`` is (body, media type, digest) of the index it came from."""
-        manifest = json.loads(body)
-        where = f"manifest {digest} of {ref.name}"
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("layers"), list):
-            raise ManifestError(f"{where} has no layers list")
-        config_desc = Descriptor.from_json(manifest.get("config"), f"{where} config")
-        layers = [Descriptor.from_json(layer, f"{where} layer {i}") for i, layer in enumerate(manifest["layers"])]
-        config_bytes = await self.fetch_bytes(ref, config_desc.digest, max_size=MAX_MANIFEST_SIZE)
         try:
-            config = json.loads(config_bytes)
-        except ValueError as exc:
-            raise ManifestError(f"config {config_desc.digest} of {ref.name} is not JSON") from exc
-        if not isinstance(config, dict):
-            raise ManifestError(f"config {config_desc.digest} of {ref.name} is not a JSON object")
-        return Image(ref=ref.with_digest(digest) if not ref.digest else ref, manifest_digest=digest,
-                     manifest_media_type=media_type, manifest=manifest, config_digest=config_desc.digest,
-                     config=config, layers=layers, config_media_type=config_desc.media_type,
-                     manifest_bytes=body, config_bytes=config_bytes, index_digest=index[2] if index else None,
-                     index_media_type=index[1] if index else None, index_bytes=index[0] if index else b"")
+            manifest = json.loads(body)
+            config_desc = Descriptor.from_json(manifest.get("config"), f"manifest {digest} of {ref.name} config")
+        except (ValueError, AttributeError):
+            raise ManifestError(f"manifest {digest} of {ref.name} has no config descriptor") from None
+        config_bytes = await self.fetch_bytes(ref, config_desc.digest, max_size=MAX_MANIFEST_SIZE)
+        return Image.from_raw(ref, body, media_type, digest, config_bytes, index)
 
     async def blob_size(self, ref: Reference, digest: str) -> int:
         """The size of a blob from a HEAD request."""

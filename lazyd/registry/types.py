@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ManifestError
+from .errors import DigestMismatchError, ManifestError
 from .reference import Reference
 
 MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -24,6 +26,25 @@ GZIP_LAYER_TYPES = (MEDIA_OCI_LAYER_GZIP, MEDIA_DOCKER_LAYER_GZIP)
 
 ANNOTATION_TOC_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
 ANNOTATION_UNCOMPRESSED_SIZE = "io.containers.estargz.uncompressed-size"
+
+
+def hasher(digest: str) -> "hashlib._Hash":
+    """A hash object for ``digest``'s algorithm (sha256 or sha512)."""
+    algo = digest.split(":", 1)[0]
+    if algo not in ("sha256", "sha512"):
+        raise DigestMismatchError(f"unsupported digest algorithm in {digest}")
+    return hashlib.new(algo)
+
+
+def digest_of(data: bytes, algo: str = "sha256") -> str:
+    return f"{algo}:{hashlib.new(algo, data).hexdigest()}"
+
+
+def _check_digest(what: str, data: bytes, digest: str) -> None:
+    h = hasher(digest)
+    h.update(data)
+    if f"{digest.split(':', 1)[0]}:{h.hexdigest()}" != digest:
+        raise DigestMismatchError(f"{what} does not match its digest {digest}")
 
 
 @dataclass(frozen=True)
@@ -94,6 +115,37 @@ class Image:
     index_digest: str | None = None
     index_media_type: str | None = None
     index_bytes: bytes = b""
+
+    @classmethod
+    def from_raw(cls, ref: Reference, manifest_bytes: bytes, media_type: str, digest: str, config_bytes: bytes,
+                 index: tuple[bytes, str, str] | None = None) -> Image:
+        """Parse a manifest and its config as fetched; ``index`` is (bytes, media type, digest)
+        of the index the manifest was picked from.  Every digest is checked against its bytes."""
+        _check_digest(f"manifest of {ref.name}", manifest_bytes, digest)
+        if index is not None:
+            _check_digest(f"index of {ref.name}", index[0], index[2])
+        try:
+            manifest = json.loads(manifest_bytes)
+        except ValueError as exc:
+            raise ManifestError(f"manifest {digest} of {ref.name} is not JSON") from exc
+        where = f"manifest {digest} of {ref.name}"
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("layers"), list):
+            raise ManifestError(f"{where} has no layers list")
+        config_desc = Descriptor.from_json(manifest.get("config"), f"{where} config")
+        layers = [Descriptor.from_json(layer, f"{where} layer {i}") for i, layer in enumerate(manifest["layers"])]
+        _check_digest(f"config of {ref.name}", config_bytes, config_desc.digest)
+        try:
+            config = json.loads(config_bytes)
+        except ValueError as exc:
+            raise ManifestError(f"config {config_desc.digest} of {ref.name} is not JSON") from exc
+        if not isinstance(config, dict):
+            raise ManifestError(f"config {config_desc.digest} of {ref.name} is not a JSON object")
+        return cls(ref=ref.with_digest(digest) if not ref.digest else ref, manifest_digest=digest,
+                   manifest_media_type=media_type, manifest=manifest, config_digest=config_desc.digest,
+                   config=config, layers=layers, config_media_type=config_desc.media_type,
+                   manifest_bytes=manifest_bytes, config_bytes=config_bytes,
+                   index_digest=index[2] if index else None, index_media_type=index[1] if index else None,
+                   index_bytes=index[0] if index else b"")
 
     @property
     def platform(self) -> str:

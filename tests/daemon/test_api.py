@@ -180,3 +180,22 @@ def test_not_estargz_layer(daemon: DaemonProc, registry, tmp_path: Path) -> None
         with pytest.raises(ApiError) as exc:
             c.mount(image.ref, digest, str(daemon.mountpoint("plain")))
         assert exc.value.code == "not_estargz"
+
+
+def test_resolve_returns_the_registrys_bytes(daemon: DaemonProc, busybox: EStargzImage) -> None:
+    """``resolve`` hands a client the manifest and config exactly as the registry serves them."""
+    from lazyd.registry.reference import Reference
+    from lazyd.registry.types import Image
+
+    with daemon.client() as c:
+        r = c.request("resolve", {"ref": busybox.ref})
+        image = Image.from_raw(Reference.parse(busybox.ref), r.manifest, r.manifest_media_type, r.manifest_digest,
+                               r.config)
+        assert [d.digest for d in image.layers] == [layer.digest for layer in busybox.layers]
+        assert r.ref == f"{busybox.ref}@{r.manifest_digest}" and r.index_digest is None
+        with pytest.raises(ApiError) as exc:
+            c.request("resolve", {"ref": busybox.ref.rsplit(":", 1)[0] + ":no-such-tag"})
+        assert exc.value.code == "not_found" and "no-such-tag" in exc.value.message
+        with pytest.raises(ApiError) as exc:
+            c.request("resolve", {"ref": "UPPER/case:x"})
+        assert exc.value.code == "invalid_request" and exc.value.message.startswith("ref:")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from lazyd.estargz import TOC, decode_toc_member, read_footer
+from lazyd.fuse.inodes import InodeTable
 from tests.daemon.conftest import DaemonProc, via
 from tests.support.treecheck import check_tree
 from tests.support.estargz_images import EStargzImage, build_layers, push_layers
@@ -28,12 +29,16 @@ def test_busybox_layers_match_source(daemon: DaemonProc, busybox: EStargzImage) 
             r = c.mount(busybox.ref, layer.digest, str(mp))
             assert r.toc_digest == layer.toc_digest and r.layer_size == layer.size
             assert check_tree(mp, layer.tar) > 10
+            # The fetcher handed the worker its inode table: the worker parsed no TOC.
+            dump = daemon.root / "layers" / layer.digest.replace(":", "-") / "inodes.msgpack"
+            assert len(InodeTable.loads(dump.read_bytes(), layer.toc_digest)) > 10
         st = c.status()
         assert [m.state for m in st.mounts] == ["ready", "ready"]
         assert st.mounts[0].layer.prefetch_state == "done"  # layer 0 has a prioritized file
         c.unmount(str(daemon.mountpoints[0]))
         assert not os.path.ismount(daemon.mountpoints[0])
         assert len(c.mounts().mounts) == 1
+    assert "unusable" not in "".join(p.read_text() for p in daemon.root.glob("workers/*/worker.log"))
 
 
 @pytest.mark.slow

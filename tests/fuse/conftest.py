@@ -167,12 +167,14 @@ class WorkerEnv:
     def control(self, op: str, args: dict[str, Any] | None = None) -> Any:
         return control(self.control_sock, op, args)
 
-    def mount(self, layer: BuiltLayer, mount_id: str, mountpoint: Path | None = None) -> Path:
+    def mount(self, layer: BuiltLayer, mount_id: str, mountpoint: Path | None = None,
+              inodes_path: Path | None = None) -> Path:
         self.fetcher.add(layer.local)
         mountpoint = mountpoint or self.tmp / "mnt" / mount_id
         self.control("worker.mount", {
             "mount_id": mount_id, "mountpoint": str(mountpoint), "layer_digest": layer.digest,
             "toc_digest": layer.toc_digest, "toc_path": str(layer.toc_path), "blob_size": layer.blob.stat().st_size,
+            **({"inodes_path": str(inodes_path)} if inodes_path else {}),
         })
         return mountpoint
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from lazyd import mounttable as mounts
+from lazyd.estargz import TOC
+from lazyd.fuse.inodes import InodeTable
 from tests.fuse.conftest import (
     FETCH_TIMEOUT,
     BuiltLayer,
@@ -26,6 +28,7 @@ from tests.fuse.conftest import (
     worker_info,
 )
 from tests.support.procs import wait_until
+from tests.support.treecheck import check_tree
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +90,26 @@ def test_control_errors(worker_env: WorkerEnv, layer: BuiltLayer) -> None:
         worker_env.mount(layer, "m4", busy)  # someone else's mount is never covered
     assert exc.value.code == "already_exists"
     assert [m["mount_id"] for m in worker_env.control("worker.status")["mounts"]] == ["m1"]
+
+
+def test_mount_uses_the_fetchers_inode_table_and_falls_back_to_the_toc(
+        worker_env: WorkerEnv, layer: BuiltLayer) -> None:
+    """worker.mount loads ``inodes_path`` (InodeTable.dumps) when it belongs to the TOC;
+    a damaged dump or one of another TOC is ignored with a warning and the TOC is parsed."""
+    toc = TOC.parse(layer.toc_path.read_bytes(), layer.toc_digest)
+    good = worker_env.tmp / "good.msgpack"
+    good.write_bytes(InodeTable.from_toc(toc).dumps(layer.toc_digest))
+    other = worker_env.tmp / "other.msgpack"
+    other.write_bytes(InodeTable.from_toc(toc).dumps("sha256:" + "0" * 64))
+    damaged = worker_env.tmp / "damaged.msgpack"
+    damaged.write_bytes(good.read_bytes()[:-100])
+    proc = worker_env.start_worker()
+    for name, dump in (("good", good), ("other", other), ("damaged", damaged), ("missing", worker_env.tmp / "nope")):
+        mnt = worker_env.mount(layer, name, inodes_path=dump)
+        assert check_tree(mnt, layer.tar) > 300
+        warned = f"inode table {dump} unusable" in proc.log_text()
+        assert warned == (name != "good"), name
+    assert "not version 1 of" in proc.log_text()  # the other TOC's dump is named as such
 
 
 def test_unmount_removes_bind_and_layer(worker_env: WorkerEnv, layer: BuiltLayer) -> None:

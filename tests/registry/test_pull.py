@@ -11,7 +11,7 @@ import pytest
 
 from lazyd.registry import (DigestMismatchError, ManifestError, NotFoundError, RangeNotSupportedError, Reference,
                             RegistryClient, UnreachableError)
-from lazyd.registry.types import MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST
+from lazyd.registry.types import MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, Image
 from tests.support.procs import free_port
 from tests.support.registry import Registry
 
@@ -37,6 +37,27 @@ def test_resolve_oci_and_docker_manifests(registry: Registry, tmp_path: Path) ->
             assert docker.layers[0].media_type == "application/vnd.docker.image.rootfs.diff.tar.gzip"
             by_digest = await c.resolve(ref(registry, f"{BB}@{oci.manifest_digest}"))
             assert by_digest.manifest == oci.manifest
+    run(main())
+
+
+def test_image_from_raw_checks_every_digest(registry: Registry, tmp_path: Path) -> None:
+    """``Image.from_raw`` (how rpull rebuilds an image lazyd resolved) rebuilds the same
+    image from the raw bytes and refuses any byte that does not match its digest."""
+    async def main() -> None:
+        async with RegistryClient(config(tmp_path)) as c:
+            img = await c.resolve(ref(registry, f"{BB}:v2"))
+        r = ref(registry, f"{BB}:v2")
+        same = Image.from_raw(r, img.manifest_bytes, img.manifest_media_type, img.manifest_digest, img.config_bytes)
+        assert same == img
+        with pytest.raises(DigestMismatchError, match="manifest of .* does not match"):
+            Image.from_raw(r, img.manifest_bytes + b" ", img.manifest_media_type, img.manifest_digest,
+                           img.config_bytes)
+        with pytest.raises(DigestMismatchError, match="config of .* does not match"):
+            Image.from_raw(r, img.manifest_bytes, img.manifest_media_type, img.manifest_digest,
+                           img.config_bytes.replace(b"layers", b"LAYERS"))
+        with pytest.raises(DigestMismatchError, match="index of .* does not match"):
+            Image.from_raw(r, img.manifest_bytes, img.manifest_media_type, img.manifest_digest, img.config_bytes,
+                           (b"{}", MEDIA_OCI_INDEX, img.manifest_digest))
     run(main())
 
 

@@ -75,10 +75,15 @@ def containerd(tmp_path: Path) -> Iterator[object]:
         cd.stop()
 
 
+NO_LAZYD = "/nonexistent/lazyd.sock"
+
+
 def lazyctl_rpull(address: str, ref: str, *extra: str, namespace: str = "default",
-                  snapshotter: str = "overlayfs", json_out: bool = True) -> subprocess.CompletedProcess[str]:
+                  snapshotter: str = "overlayfs", json_out: bool = True,
+                  socket: str = NO_LAZYD) -> subprocess.CompletedProcess[str]:
+    """``lazyctl rpull``; with the default ``socket`` no lazyd runs, so rpull resolves REF itself."""
     argv = ["lazyctl", "rpull", "--plain-http", "--address", address, "--namespace", namespace,
-            "--snapshotter", snapshotter, *extra]
+            "--snapshotter", snapshotter, "--socket", socket, *extra]
     if json_out:
         argv.append("--json")
     return subprocess.run([*argv, ref], capture_output=True, text=True, timeout=300)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +17,7 @@ import pytest
 from lazyd.containerd import labels as L
 from lazyd.containerd.client import ContainerdClient
 from lazyd.containerd.errors import NotFoundError
+from tests.support.lazyd import start_lazyd
 
 from .conftest import Images, lazyctl_rpull
 
@@ -108,10 +110,34 @@ def test_rpull_sends_the_snapshot_labels_ctr_remote_sends(containerd: Any, image
 
 def test_rpull_again_reuses_snapshots(containerd: Any, images: Images) -> None:
     first = rpull_json(containerd, images.esgz)
+    assert first["resolved_by"] == "registry"  # no lazyd: rpull asked the registry itself
     second = rpull_json(containerd, images.esgz)
     assert [layer["mode"] for layer in second["layers"]] == ["present", "present"]
     assert second["bytes_fetched"] == 0
     assert second["chain_id"] == first["chain_id"]
+
+
+def test_rpull_resolves_through_lazyd(containerd: Any, images: Images, tmp_path: Path) -> None:
+    """With lazyd running, REF (here an index) is resolved by lazyd's ``resolve`` op; the
+    image is stored exactly as when rpull asks the registry itself."""
+    daemon = start_lazyd(tmp_path / "lazyd", tmp_path / "lazyd.sock", tmp_path / "lazyd.log")
+    try:
+        with daemon.client() as c:
+            before = c.status().totals.registry_requests
+            via_lazyd = rpull_json(containerd, images.index, socket=str(daemon.socket))
+            assert via_lazyd["resolved_by"] == "lazyd"
+            assert c.status().totals.registry_requests >= before + 3  # index, manifest, config
+        direct = rpull_json(containerd, images.index, namespace="direct")
+        assert direct["resolved_by"] == "registry"
+        for key in ("target_digest", "manifest_digest", "config_digest", "chain_id"):
+            assert via_lazyd[key] == direct[key], key
+        assert content_labels(containerd.address, "default") == content_labels(containerd.address, "direct")
+        ref = images.plain.rsplit(":", 1)[0] + ":no-such-tag"
+        proc = lazyctl_rpull(containerd.address, ref, socket=str(daemon.socket))
+        assert proc.returncode == 1
+        assert proc.stderr.startswith(f"error: rpull {ref}: lazyd could not resolve") and "no-such-tag" in proc.stderr
+    finally:
+        daemon.close(unmount=tmp_path)
 
 
 def test_rpull_human_output(containerd: Any, images: Images) -> None:
