@@ -366,7 +366,9 @@ def measure(client: str, image_label: str, ref: str, proxy: TCPProxy, work: Path
                 run = _time_to_hello(cd, ref, name, PROXY_SNAPSHOTTER)
                 down, ranges = proxy.bytes_down, len(proxy.range_requests())
         elif client == "lazyd":
-            with lazyd_stack(root, settings) as (cd, sock):
+            # What --plain-http tells the other clients: no TLS probe of the registry first.
+            daemon_settings = {**(settings or {}), "registry": f'{{plain_http = ["{proxy.host}"]}}'}
+            with lazyd_stack(root, daemon_settings) as (cd, sock):
                 proxy.reset()
                 t0 = time.monotonic()
                 sh("lazyctl", "rpull", "--plain-http", "--address", cd.address, "--snapshotter", PROXY_SNAPSHOTTER,

@@ -50,12 +50,14 @@ SNAPSHOTTER = "lazyd"  # the proxy plugin name start_containerd registers
 
 
 @contextmanager
-def lazyd_stack(root: Path, log_level: str) -> Iterator[tuple[Containerd, Path]]:
-    """``lazyd serve`` + ``lazyd snapshotter`` + containerd under ``root``; yields (containerd, lazyd socket)."""
+def lazyd_stack(root: Path, log_level: str, registry: str) -> Iterator[tuple[Containerd, Path]]:
+    """``lazyd serve`` + ``lazyd snapshotter`` + containerd under ``root``; yields (containerd, lazyd socket).
+
+    lazyd talks plain HTTP to ``registry`` without a TLS probe first (what ``--plain-http`` does)."""
     with ExitStack() as stack:
         root.mkdir(parents=True)
         config = root / "lazyd.toml"
-        config.write_text(f'log_level = "{log_level}"\n')
+        config.write_text(f'log_level = "{log_level}"\n[registry]\nplain_http = ["{registry}"]\n')
         daemon = start_lazyd(root / "lazyd", root / "lazyd.sock", root / "lazyd.log", config=config)
         stack.callback(daemon.close, unmount=root)
         snap_sock = root / "snapshotter.sock"
@@ -165,7 +167,7 @@ def main() -> int:
         proxy = stack.enter_context(TCPProxy(reg.port, latency=args.rtt / 2000))
         ref = f"{proxy.host}/debian-python:esgz"
         for n in range(args.rounds):
-            with lazyd_stack(work / f"wall{n}", args.log_level) as (cd, sock):
+            with lazyd_stack(work / f"wall{n}", args.log_level, proxy.host) as (cd, sock):
                 t0 = time.monotonic()
                 out = subprocess.run(["lazyctl", "rpull", "--plain-http", "--json", "--address", cd.address,
                                       "--snapshotter", SNAPSHOTTER, "--socket", str(sock), ref],
@@ -182,7 +184,7 @@ def main() -> int:
                     args.keep_logs.mkdir(parents=True, exist_ok=True)
                     for log in ("lazyd.log", "snapshotter.log"):
                         (args.keep_logs / f"wall{n}-{log}").write_bytes((work / f"wall{n}" / log).read_bytes())
-            with lazyd_stack(work / f"trace{n}", args.log_level) as (cd, sock):
+            with lazyd_stack(work / f"trace{n}", args.log_level, proxy.host) as (cd, sock):
                 start = time.monotonic()
                 result, trace, secs = asyncio.run(traced_pull(ref, cd.address, sock))
                 traced.append(secs)

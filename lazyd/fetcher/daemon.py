@@ -334,8 +334,10 @@ class Daemon:
             if mountpoint in self._claimed or any(m.mountpoint == mountpoint for m in self.mounts.values()):
                 raise ApiError(ALREADY_EXISTS, f"{mountpoint} is already mounted")
             self._claimed.add(mountpoint)
+        started = time.monotonic()
         try:
             layer = await self.layers.open(ref, args.layer_digest, args.toc_digest, self.config.mount_timeout)
+            opened = time.monotonic()
             handle = self._pick_worker()
             record = MountRecord(uuid.uuid4().hex[:16], str(ref), layer.digest, layer.meta.toc_digest, mountpoint,
                                  handle.worker_id)
@@ -347,6 +349,8 @@ class Daemon:
                 self._forget_mount(record)
                 raise
             record.state = "ready"
+            log.debug("mounted %s at %s in %.3fs (layer open %.3fs, worker %d %.3fs)", layer.digest, mountpoint,
+                      time.monotonic() - started, opened - started, handle.worker_id, time.monotonic() - opened)
         finally:
             self._claimed.discard(mountpoint)
         wait = self.config.prefetch_wait if args.prefetch_wait is None else args.prefetch_wait
@@ -539,6 +543,7 @@ class Daemon:
             raise ApiError("timeout", f"resolving {ref} took longer than {self.config.mount_timeout}s") from None
         except RegistryError as exc:
             raise registry_error(exc) from None
+        self.layers.remember(image)
         return ResolveResult(ref=str(image.ref), manifest_digest=image.manifest_digest,
                              manifest_media_type=image.manifest_media_type, manifest=image.manifest_bytes,
                              config=image.config_bytes, index_digest=image.index_digest,

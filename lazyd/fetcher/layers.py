@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,6 +43,7 @@ from lazyd.estargz import (
 from lazyd.fuse.inodes import InodeTable, InodeTableError
 from lazyd.registry import (
     DigestMismatchError,
+    Image,
     NotFoundError,
     Reference,
     RegistryClient,
@@ -49,6 +53,9 @@ from lazyd.registry import (
 )
 
 INODES_FILE = "inodes.msgpack"
+RECENT_IMAGES = 64
+log = logging.getLogger(__name__)
+
 TAIL_SIZE = 64 * 1024
 """Bytes read from the end of a blob in the first request (footer and, usually, the TOC)."""
 
@@ -166,6 +173,20 @@ class LayerTable:
         self.client = client
         self._layers: dict[str, Layer] = {}
         self._opening: dict[str, asyncio.Future[Layer]] = {}
+        # Recently resolved images by (registry, repository, manifest digest): immutable, so a
+        # mount of a digest-pinned ref right after a ``resolve`` needs no registry request.
+        self._images: OrderedDict[tuple[str, str, str], Image] = OrderedDict()
+        # One TOC parse at a time: two interleaved under the GIL would both finish late,
+        # while in turn the first layer (the one a container waits for) is ready sooner.
+        self._parse_lock = asyncio.Lock()
+
+    def remember(self, image: Image) -> None:
+        """Keep ``image`` (its ref is pinned to the manifest digest) for TOC-digest lookups."""
+        if image.ref.digest:
+            self._images[(image.ref.registry, image.ref.repository, image.ref.digest)] = image
+            self._images.move_to_end((image.ref.registry, image.ref.repository, image.ref.digest))
+            while len(self._images) > RECENT_IMAGES:
+                self._images.popitem(last=False)
 
     def get(self, digest: str) -> Layer | None:
         """An open layer, loading persisted metadata if needed; None if unknown."""
@@ -206,7 +227,10 @@ class LayerTable:
             raise registry_error(exc) from None
 
     async def _toc_digest_from_manifest(self, ref: Reference, digest: str) -> str:
-        image = await self.client.resolve(ref)
+        image = self._images.get((ref.registry, ref.repository, ref.digest)) if ref.digest else None
+        if image is None:
+            image = await self.client.resolve(ref)
+            self.remember(image)
         for desc in image.layers:
             if desc.digest == digest:
                 value = desc.annotations.get(ANNOTATION_TOC_DIGEST)
@@ -236,12 +260,16 @@ class LayerTable:
         else:
             (member,) = await self.client.fetch_ranges(ref, digest, [(footer.toc_offset, toc_end - footer.toc_offset)])
             counters.registry_requests += 1
+        started = time.monotonic()
         try:
-            json_bytes, toc, inodes = await asyncio.to_thread(_parse_toc, member, toc_digest, footer.toc_offset)
+            async with self._parse_lock:
+                json_bytes, toc, inodes = await asyncio.to_thread(_parse_toc, member, toc_digest, footer.toc_offset)
         except TOCDigestMismatch as exc:
             raise ApiError(DIGEST_MISMATCH, f"layer {digest} of {ref}: {exc}") from None
         except (EStargzError, InodeTableError) as exc:
             raise ApiError(NOT_ESTARGZ, f"layer {digest} of {ref}: {exc}") from None
+        log.debug("layer %s: TOC of %d entries verified, parsed and turned into inodes in %.3fs", digest,
+                  len(toc.entries), time.monotonic() - started)
         meta = LayerMeta(str(ref), digest, toc_digest, blob_size, footer.toc_offset)
         toc_path = self._persist(meta, json_bytes, inodes)
         layer = Layer.build(meta, toc, toc_path, toc_path.with_name(INODES_FILE))
