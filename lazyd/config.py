@@ -68,6 +68,10 @@ class DaemonConfig:
     health_interval: float = 0.5
     """Seconds between worker liveness checks."""
 
+    check_interval: float = 10.0
+    """``check`` reports a registry reachable without asking it again when a request to it
+    succeeded this many seconds ago or less (0: ask on every check)."""
+
     log_level: str = "info"
     """debug, info, warning or error."""
 
@@ -90,6 +94,7 @@ class DaemonConfig:
             ("mount_timeout", self.mount_timeout > 0, "must be positive"),
             ("worker_start_timeout", self.worker_start_timeout > 0, "must be positive"),
             ("health_interval", self.health_interval > 0, "must be positive"),
+            ("check_interval", self.check_interval >= 0, "must not be negative"),
             ("log_level", self.log_level in LOG_LEVELS, f"must be one of {', '.join(LOG_LEVELS)}"),
             ("root", self.root.startswith("/"), "must be an absolute path"),
             ("socket", self.socket.startswith("/"), "must be an absolute path"),

@@ -442,7 +442,7 @@ class Daemon:
                 served = False
         reachable, error = True, record.error
         try:
-            await asyncio.wait_for(self.registry.ping(Reference.parse(record.ref)), 10.0)
+            await asyncio.wait_for(self.registry.ping(Reference.parse(record.ref), self.config.check_interval), 10.0)
         except (RegistryError, asyncio.TimeoutError, OSError) as exc:
             reachable = False
             error = error or f"registry: {exc or type(exc).__name__}"

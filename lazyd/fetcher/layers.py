@@ -226,6 +226,15 @@ class LayerTable:
         except RegistryError as exc:
             raise registry_error(exc) from None
 
+    def _known_size(self, ref: Reference, digest: str) -> int | None:
+        """The layer's size from a remembered manifest of ``ref``'s repository (saves a HEAD)."""
+        for (registry, repository, _), image in reversed(self._images.items()):
+            if (registry, repository) == (ref.registry, ref.repository):
+                for desc in image.layers:
+                    if desc.digest == digest and desc.size > 0:
+                        return desc.size
+        return None
+
     async def _toc_digest_from_manifest(self, ref: Reference, digest: str) -> str:
         image = self._images.get((ref.registry, ref.repository, ref.digest)) if ref.digest else None
         if image is None:
@@ -242,7 +251,7 @@ class LayerTable:
     async def _fetch_toc(self, ref: Reference, digest: str, toc_digest: str | None) -> Layer:
         if toc_digest is None:
             toc_digest = await self._toc_digest_from_manifest(ref, digest)
-        blob_size = await self.client.blob_size(ref, digest)
+        blob_size = self._known_size(ref, digest) or await self.client.blob_size(ref, digest)
         counters = LayerCounters()
         tail_len = min(blob_size, TAIL_SIZE)
         if tail_len == 0:

@@ -92,6 +92,7 @@ class RegistryClient:
         self._requests = 0
         self._bytes = 0
         self._in_flight = 0
+        self._answered: dict[str, float] = {}  # endpoint host -> monotonic time of its last non-5xx answer
 
     async def __aenter__(self) -> "RegistryClient":
         self._open()
@@ -230,11 +231,19 @@ class RegistryClient:
                    data: bytes | None, sslctx: ssl.SSLContext | bool) -> aiohttp.ClientResponse:
         self._requests += 1
         self._in_flight += 1
+        netloc = urlsplit(url).netloc
         try:
             resp = await session.request(method, url, headers=headers, data=data, ssl=sslctx, allow_redirects=False)
+        except BaseException:
+            self._answered.pop(netloc, None)  # the next ping asks again
+            raise
         finally:
             self._in_flight -= 1
         log.debug("%s %s -> %d", method, url.split("?", 1)[0], resp.status)
+        if resp.status < 500:
+            self._answered[netloc] = time.monotonic()
+        else:
+            self._answered.pop(netloc, None)
         return resp
 
     async def _call(self, registry: str, repository: str, method: str, path: str, *, capability: str,
@@ -306,8 +315,18 @@ class RegistryClient:
 
     # -- public API: pull --------------------------------------------------------------
 
-    async def ping(self, ref: Reference) -> None:
-        """Raise UnreachableError unless some endpoint of the registry answers ``/v2/``."""
+    async def ping(self, ref: Reference, fresh_within: float = 0.0) -> None:
+        """Raise UnreachableError unless some endpoint of the registry answers ``/v2/``.
+
+        With ``fresh_within`` > 0, an endpoint that answered any request that many seconds
+        ago or less counts as reachable without a new request.
+        """
+        if fresh_within > 0:
+            now = time.monotonic()
+            for ep in self.endpoints(ref.registry):
+                answered = self._answered.get(ep.host)
+                if answered is not None and now - answered <= fresh_within:
+                    return
         errors = []
         for ep in self.endpoints(ref.registry):
             try:

@@ -16,7 +16,7 @@ from lazyd.fuse.inodes import InodeTable
 from tests.daemon.conftest import DaemonProc, via
 from tests.support.treecheck import check_tree
 from tests.support.estargz_images import EStargzImage, build_layers, push_layers
-from tests.support.registry import Registry
+from tests.support.registry import Registry, start_registry
 from tests.support.tcpproxy import TCPProxy
 
 NO_BACKGROUND = "prefetch = false\nbackground_fetch = false"
@@ -190,3 +190,35 @@ def test_corrupted_chunk_gives_eio_for_that_file_only(daemon_factory, registry: 
         assert m.layer.verify_errors >= 1 and st.totals.verify_errors >= 1
         assert m.error and "f2.bin" in m.error
         assert m.state == "ready"
+
+
+def test_mount_and_check_use_what_lazyd_already_knows(daemon_factory, busybox: EStargzImage,
+                                                      tmp_path: Path) -> None:
+    """After ``resolve``, a mount of the digest-pinned ref asks the registry for neither the
+    manifest nor the blob size; ``check`` right after needs no ping. Once a request to the
+    registry fails, ``check`` asks again and reports it unreachable."""
+    reg = start_registry(tmp_path, name="short-lived")
+    try:
+        image = push_layers(reg.host, "bb:known", busybox.layers)
+        d = daemon_factory(extra=NO_BACKGROUND).start()
+        layer = image.layers[0]
+        mp = d.mountpoint("known")
+        with TCPProxy(reg.port) as proxy, d.client() as c:
+            resolved = c.request("resolve", {"ref": via(image.ref, proxy)})
+            proxy.reset()
+            c.mount(resolved.ref, layer.digest, str(mp))  # TOC digest from the remembered manifest
+            seen = [(r.method, r.path.rsplit("/", 2)[-2]) for r in proxy.requests()]
+            assert seen and all(s == ("GET", "blobs") for s in seen), seen  # footer/TOC ranges only
+            proxy.reset()
+            check = c.check(str(mp))
+            assert check.served and check.registry_reachable and proxy.requests() == []
+            reg.stop()
+            never_read = max((p for p in mp.rglob("*") if p.is_file() and not p.is_symlink()),
+                             key=lambda p: p.stat().st_size)  # far from the TOC: not read by the mount
+            with pytest.raises(OSError) as exc:
+                never_read.read_bytes()
+            assert exc.value.errno == errno.EIO
+            check = c.check(str(mp))
+            assert not check.registry_reachable and check.error and "unreachable" in check.error
+    finally:
+        reg.stop()
