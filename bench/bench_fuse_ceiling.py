@@ -1,16 +1,25 @@
 #!/usr/bin/env python3
-"""Benchmark: the ceiling of warm small-file open+read through FUSE here, without Python.
+"""Benchmark: the ceilings of warm reads through FUSE here, without Python.
 
 Builds ``bench/fuse_ceiling.c`` (a libfuse 2 low-level filesystem in C, the library that
-llfuse wraps) and compares, with the page cache warm, the open+read+close rate of N small
-files against the same files on the native filesystem:
+llfuse wraps) and compares, with the page cache warm, against the same files on the
+native filesystem:
 
-* ``open``: the kernel sends OPEN and RELEASE for every open(), as it does for lazyd;
-* ``no_open``: OPEN answered with ENOSYS once, so the kernel sends neither again.
+* the open+read+close rate of N small files;
+* the sequential read rate of a 256 MiB file that is in the page cache (the "second
+  read" of ``bench/bench_fuse.py``: no request reaches the FUSE server).
 
-It shows what any libfuse 2 filesystem can reach on this machine, and what skipping OPEN
-would give (llfuse and pyfuse3 cannot use it: their ``read`` gets only the file handle,
-which is 0 in that mode).  Compare with "small files warm" of ``bench/bench_fuse.py``.
+Each for two FUSE modes:
+
+* ``open``: the kernel sends OPEN and RELEASE for every open() (lazyd with a stock llfuse);
+* ``no_open``: OPEN answered with ENOSYS once, so the kernel sends neither again (lazyd
+  with its patched llfuse, ``contrib/llfuse``: stock llfuse and pyfuse3 cannot use this
+  mode, as their ``read`` gets only the file handle, which is 0 in it).
+
+It shows what any libfuse 2 filesystem can reach on this machine. When libfuse3-dev is
+installed, ``bench/fuse3_ceiling.c`` adds the page-cache read of the same file through a
+libfuse 3 server (``C libfuse3``). Compare with "small files warm" and "seq second read"
+of ``bench/bench_fuse.py``.
 
 Run as root:  python3 bench/bench_fuse_ceiling.py [--files 3000] [--repeat 5]
 """
@@ -37,6 +46,17 @@ def read_tree(files: list[str]) -> None:
         with open(p, "rb", buffering=0) as f:
             while f.readinto(buf):
                 pass
+
+
+def warm_mbps(path: str) -> float:
+    """MB/s of whole-file reads of ``path`` from the page cache (repeated for MIN_SECONDS)."""
+    read_tree([path])
+    t0 = time.perf_counter()
+    passes = 0
+    while passes == 0 or time.perf_counter() - t0 < MIN_SECONDS:
+        read_tree([path])
+        passes += 1
+    return passes * os.path.getsize(path) / (time.perf_counter() - t0) / 1e6
 
 
 def warm_rate(files: list[str]) -> float:
@@ -67,7 +87,11 @@ def main() -> int:
         native.mkdir()
         for i in range(args.files):  # the same sizes as the C filesystem serves
             (native / f"f{i}").write_bytes(b"x" * (200 + ((i + 2) * 2654435761 % (1 << 32)) % 7800))
+        with open(native / "big", "wb") as f:
+            for _ in range(256):
+                f.write(b"x" * BLOCK)
         sides = {"native": [str(native / f"f{i}") for i in range(args.files)]}
+        bigs = {"native": str(native / "big")}
         for no_open in (0, 1):
             mp = work / f"mnt{no_open}"
             mp.mkdir()
@@ -78,22 +102,46 @@ def main() -> int:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise SystemExit(f"fuse_ceiling did not mount {mp}")
                 time.sleep(0.05)
-            sides["C open" if not no_open else "C no_open"] = [str(mp / f"f{i}") for i in range(args.files)]
+            side = "C open" if not no_open else "C no_open"
+            sides[side] = [str(mp / f"f{i}") for i in range(args.files)]
+            bigs[side] = str(mp / "big")
+        if subprocess.run(["pkg-config", "--exists", "fuse3"]).returncode == 0:
+            exe3 = work / "fuse3_ceiling"
+            flags3 = subprocess.run(["pkg-config", "--cflags", "--libs", "fuse3"], capture_output=True, text=True,
+                                    check=True).stdout.split()
+            subprocess.run(["gcc", "-O2", "-o", str(exe3), str(Path(__file__).with_name("fuse3_ceiling.c")),
+                            *flags3], check=True)
+            mp = work / "mnt3"
+            mp.mkdir()
+            procs.append((subprocess.Popen([str(exe3), str(mp)]), mp))
+            deadline = time.monotonic() + 10
+            while not os.path.ismount(mp):
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"fuse3_ceiling did not mount {mp}")
+                time.sleep(0.05)
+            bigs["C libfuse3"] = str(mp / "big")
         rates: dict[str, list[float]] = {k: [] for k in sides}
+        mbps: dict[str, list[float]] = {k: [] for k in bigs}
         for _ in range(args.repeat):
             for name, files in sides.items():
                 rates[name].append(warm_rate(files))
+            for name, big in bigs.items():
+                mbps[name].append(warm_mbps(big))
         base = statistics.median(rates["native"])
-        print(f"warm small-file open+read+close, {args.files} files of 200-8000 bytes, "
-              f"median of {args.repeat} alternating runs")
-        print(f"{'side':<12} {'files/s':>10} {'x native':>9}")
-        for name, r in rates.items():
-            print(f"{name:<12} {statistics.median(r):>10.0f} {statistics.median(r) / base:>8.0%}")
+        base_mbps = statistics.median(mbps["native"])
+        print(f"warm reads: {args.files} files of 200-8000 bytes (open+read+close) and one 256 MiB file "
+              f"from the page cache, median of {args.repeat} alternating runs")
+        print(f"{'side':<12} {'files/s':>10} {'x native':>9} {'big MB/s':>9} {'x native':>9}")
+        for name in bigs:
+            m = statistics.median(mbps[name])
+            r = f"{statistics.median(rates[name]):>10.0f} {statistics.median(rates[name]) / base:>8.0%}" \
+                if name in rates else f"{'-':>10} {'-':>8}"
+            print(f"{name:<12} {r} {m:>9.0f} {m / base_mbps:>8.0%}")
         print(f"load average: {' '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
         return 0
     finally:
         for proc, mp in procs:
-            subprocess.run(["fusermount", "-u", str(mp)], capture_output=True)
+            subprocess.run(["umount", str(mp)], capture_output=True)
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
