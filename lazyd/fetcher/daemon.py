@@ -64,6 +64,14 @@ VERSION = "0.1.0"
 MAX_FALLBACKS_SHOWN = 100
 
 
+def _parse_ref(text: str) -> Reference:
+    """The image reference of a request; ``invalid_request`` naming the field when malformed."""
+    try:
+        return Reference.parse(text)
+    except (InvalidReferenceError, ValueError) as exc:
+        raise ApiError(INVALID_REQUEST, f"ref: {exc}") from None
+
+
 @dataclass
 class MountRecord:
     """One mount; the persisted part is everything but ``state`` and ``error``."""
@@ -323,10 +331,7 @@ class Daemon:
 
     async def op_mount(self, args: MountArgs) -> MountResult:
         self.scheduler.note_activity()  # a container is starting: hold background fetch back
-        try:
-            ref = Reference.parse(args.ref)
-        except (InvalidReferenceError, ValueError) as exc:
-            raise ApiError(INVALID_REQUEST, f"ref: {exc}") from None
+        ref = _parse_ref(args.ref)
         mountpoint = os.path.normpath(args.mountpoint)
         if not os.path.isdir(mountpoint):
             raise ApiError(INVALID_REQUEST, f"mountpoint {mountpoint} is not a directory")
@@ -533,10 +538,7 @@ class Daemon:
 
     async def op_resolve(self, args: ResolveArgs) -> ResolveResult:
         self.scheduler.note_activity()  # a pull is starting: hold background fetch back
-        try:
-            ref = Reference.parse(args.ref)
-        except (InvalidReferenceError, ValueError) as exc:
-            raise ApiError(INVALID_REQUEST, f"ref: {exc}") from None
+        ref = _parse_ref(args.ref)
         try:
             image = await asyncio.wait_for(self.registry.resolve(ref), self.config.mount_timeout)
         except asyncio.TimeoutError:
