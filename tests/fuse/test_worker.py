@@ -11,11 +11,12 @@ import threading
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from lazyd import mounttable as mounts
 from lazyd.estargz import TOC
-from lazyd.fuse.inodes import InodeTable
+from lazyd.fuse.inodes import InodeTable, InodeTableError
 from tests.fuse.conftest import (
     FETCH_TIMEOUT,
     BuiltLayer,
@@ -110,6 +111,24 @@ def test_mount_uses_the_fetchers_inode_table_and_falls_back_to_the_toc(
         warned = f"inode table {dump} unusable" in proc.log_text()
         assert warned == (name != "good"), name
     assert "not version 1 of" in proc.log_text()  # the other TOC's dump is named as such
+
+
+def test_inode_table_dump_round_trips_and_damage_is_refused(layer: BuiltLayer) -> None:
+    table = InodeTable.from_toc(TOC.parse(layer.toc_path.read_bytes(), layer.toc_digest))
+    dump = table.dumps(layer.toc_digest)
+    again = InodeTable.loads(dump, layer.toc_digest)
+    assert len(again) == len(table) and again.children(1) == table.children(1)
+    assert [again.raw_attr(i) for i in range(1, len(table) + 1)] == [table.raw_attr(i) for i in range(1, len(table) + 1)]
+    doc = msgpack.unpackb(dump, strict_map_key=False)
+    damaged = []
+    for where, value in ((4, {1: {b"x": len(table) + 1}}), (4, {1: {b"x": "2"}}), (5, {0: b"t"}),
+                         (6, {1: {b"user.x": "not bytes"}}), (2, doc[2][:-1]), (7, "big")):
+        bad = list(doc)
+        bad[where] = value
+        damaged.append(msgpack.packb(bad))
+    for data in (*damaged, dump[:-1], b"", b"\x93\x01"):
+        with pytest.raises(InodeTableError):
+            InodeTable.loads(data, layer.toc_digest)
 
 
 def test_unmount_removes_bind_and_layer(worker_env: WorkerEnv, layer: BuiltLayer) -> None:
