@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 MAX_FALLBACKS_SHOWN = 100
+COUNTERS_SAVE_INTERVAL = 5.0  # seconds; a kill -9 loses at most this much of the per-layer counts
 
 
 def _parse_ref(text: str) -> Reference:
@@ -144,17 +145,27 @@ class Daemon:
                 return 1
             await self._restore_mounts(adopted)
             self._restored.set()
-            await self._stop.wait()
+            saver = asyncio.create_task(self._save_counters_every(COUNTERS_SAVE_INTERVAL))
+            try:
+                await self._stop.wait()
+            finally:
+                saver.cancel()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await self._close()
         return 0
 
+    async def _save_counters_every(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.layers.save_counters()
+
     async def _close(self) -> None:
         for task in list(self._tasks.values()) + list(self._prefetch.values()):
             task.cancel()
         await asyncio.gather(*self._tasks.values(), *self._prefetch.values(), return_exceptions=True)
+        self.layers.save_counters()
         if self._clean:
             await self._unmount_everything()
         elif hasattr(self, "supervisor"):

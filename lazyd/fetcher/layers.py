@@ -3,7 +3,8 @@
 A layer is opened once per digest (concurrent opens share the work) and its
 verified TOC is persisted under ``<root>/layers/<algo>-<hex>/`` (``meta.json`` +
 ``toc.json``) so that workers can load it and a restarted fetcher can serve
-adopted mounts without the registry.  Next to it goes ``inodes.msgpack``: the
+adopted mounts without the registry; ``counters.json`` keeps the layer's fetch
+counters across restarts (saved every few seconds and on stop).  Next to it goes ``inodes.msgpack``: the
 worker's inode table, built once here while the TOC is parsed, so that a worker
 mounts a layer without parsing its TOC again (it falls back to ``toc.json``).
 """
@@ -53,6 +54,8 @@ from lazyd.registry import (
 )
 
 INODES_FILE = "inodes.msgpack"
+COUNTERS_FILE = "counters.json"
+PERSISTED_COUNTERS = ("demand_bytes", "prefetch_bytes", "background_bytes", "registry_requests", "verify_errors")
 RECENT_IMAGES = 64
 log = logging.getLogger(__name__)
 
@@ -102,6 +105,18 @@ class LayerCounters:
 
     def add_bytes(self, priority: str, n: int) -> None:
         setattr(self, f"{priority}_bytes", getattr(self, f"{priority}_bytes") + n)
+
+    def totals(self) -> dict[str, int]:
+        """The cumulative counters, as ``counters.json`` keeps them across fetcher restarts."""
+        return {name: getattr(self, name) for name in PERSISTED_COUNTERS}
+
+    def restore(self, saved: object) -> None:
+        """Start from counters saved by ``totals`` (ignoring anything malformed)."""
+        if isinstance(saved, dict):
+            for name in PERSISTED_COUNTERS:
+                value = saved.get(name)
+                if type(value) is int and value >= 0:
+                    setattr(self, name, value)
 
     @property
     def fetched_bytes(self) -> int:
@@ -179,6 +194,7 @@ class LayerTable:
         # One TOC parse at a time: two interleaved under the GIL would both finish late,
         # while in turn the first layer (the one a container waits for) is ready sooner.
         self._parse_lock = asyncio.Lock()
+        self._saved: dict[str, dict[str, int]] = {}  # counters as last written, by layer digest
 
     def remember(self, image: Image) -> None:
         """Keep ``image`` (its ref is pinned to the manifest digest) for TOC-digest lookups."""
@@ -200,8 +216,17 @@ class LayerTable:
     def all(self) -> list[Layer]:
         return list(self._layers.values())
 
-    def forget(self, digest: str) -> None:
-        self._layers.pop(digest, None)
+    def save_counters(self) -> None:
+        """Write ``counters.json`` of every layer whose counters changed since the last save."""
+        for layer in list(self._layers.values()):
+            totals = layer.counters.totals()
+            if totals != self._saved.get(layer.digest):
+                try:
+                    _atomic_write(layer.toc_path.with_name(COUNTERS_FILE), json.dumps(totals).encode(), sync=False)
+                except OSError as exc:
+                    log.warning("cannot save the counters of layer %s: %s", layer.digest, exc)
+                    continue
+                self._saved[layer.digest] = totals
 
     async def open(self, ref: Reference, digest: str, toc_digest: str | None, timeout: float) -> Layer:
         """The layer, fetching and verifying its footer and TOC if it is not open yet."""
@@ -309,7 +334,13 @@ class LayerTable:
         except EStargzError as exc:
             raise ApiError(INTERNAL, f"persisted TOC of layer {digest} is invalid: {exc}") from None
         inodes = d / INODES_FILE
-        return Layer.build(meta, toc, d / "toc.json", inodes if inodes.exists() else None)
+        layer = Layer.build(meta, toc, d / "toc.json", inodes if inodes.exists() else None)
+        try:
+            layer.counters.restore(json.loads((d / COUNTERS_FILE).read_bytes()))
+        except (OSError, ValueError):
+            pass  # never saved (or damaged): the counters start from zero
+        self._saved[digest] = layer.counters.totals()
+        return layer
 
 
 def _parse_toc(member: bytes, toc_digest: str, toc_offset: int) -> tuple[bytes, TOC, bytes]:

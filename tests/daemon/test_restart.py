@@ -105,6 +105,10 @@ def test_sigterm_keeps_mounts_and_restart_replaces_a_worker_that_died_meanwhile(
     # SIGTERM really goes to the worker (background fetch waits for idle, so it may not have).
     assert (mps[0] / "etc/hello.txt").read_text() == "hello from lazyd\n"
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    with d.client() as c:
+        before = {m.layer_digest: m.layer for m in c.status().mounts}
+    assert all(stats.registry_requests > 0 for stats in before.values())
+    assert any(stats.fetched_bytes > 0 for stats in before.values())  # at least hello.txt's chunk
     d.proc.stop(signal.SIGTERM)  # stops the fetcher only
     assert all(os.path.ismount(mp) for mp in mps)
     assert (mps[0] / "etc/hello.txt").read_text() == "hello from lazyd\n"  # cached: served without a fetcher
@@ -119,5 +123,10 @@ def test_sigterm_keeps_mounts_and_restart_replaces_a_worker_that_died_meanwhile(
     assert pids[str(mps[1])] != victim.worker_pid
     survivor = next(m for m in st.mounts if m.mountpoint == str(mps[0]))
     assert pids[str(mps[0])] == survivor.worker_pid, "the live worker is adopted"
+    # Per-layer counters carry over the restart (counters.json), like the cache itself.
+    for m in st2.mounts:
+        old, new = before[m.layer_digest], m.layer
+        assert new.fetched_bytes >= old.fetched_bytes and new.registry_requests >= old.registry_requests, (old, new)
+        assert new.demand_bytes >= old.demand_bytes and new.prefetch_bytes >= old.prefetch_bytes
     for layer, mp in zip(busybox.layers, mps):
         check_tree(mp, layer.tar)
