@@ -18,12 +18,12 @@ import stat
 import struct
 from array import array
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgpack
 
 if TYPE_CHECKING:
-    from lazyd.estargz import TOC, TOCEntry
+    from lazyd.estargz import TOC, Chunk, TOCEntry
 
 ROOT = 1
 WHITEOUT_PREFIX = ".wh."
@@ -54,9 +54,8 @@ class InodeTableError(Exception):
     """The TOC cannot be turned into a file tree (e.g. a file used as a directory)."""
 
 
-@dataclass(frozen=True)
-class Attr:
-    """The attributes of one inode, as getattr reports them."""
+class Attr(NamedTuple):
+    """The attributes of one inode, as getattr reports them (a tuple: cheap to build)."""
 
     mode: int
     uid: int
@@ -163,28 +162,31 @@ class InodeTable:
         by_name: dict[str, int] = {"": ROOT}
         hardlinks = []
         whiteouts = []
+        dirs = table._dirs
         for entry in toc.entries:
             kind = entry.type
             if kind == "chunk":
                 continue
-            parts = _split(entry.name)
+            # TOC names are normalised ("a/b", root ""), so the parent is a plain prefix.
+            path = entry.name
             if kind == "hardlink":
-                hardlinks.append((parts, entry))
+                hardlinks.append((_split(path), entry))
                 continue
-            if not parts:
+            if not path:
                 if kind != "dir":
                     raise InodeTableError(f"the layer root is a {kind!r}, not a directory")
                 table._set_attr(ROOT, table._entry_attr(entry))
                 table._set_xattrs(ROOT, entry)
                 continue
-            base = parts[-1]
-            if len(parts) == 1 and base in LANDMARKS:
+            parent_path, _, base = path.rpartition("/")
+            if not parent_path and base in LANDMARKS:
                 continue
             if base.startswith(WHITEOUT_PREFIX):
-                whiteouts.append((parts, entry))
+                whiteouts.append((_split(path), entry))
                 continue
-            parent = table._ensure_dir(parts[:-1], by_name)
-            path = "/".join(parts)
+            parent = by_name.get(parent_path)
+            if parent is None or parent not in dirs:
+                parent = table._ensure_dir(_split(parent_path), by_name)
             existing = by_name.get(path)
             if existing is not None and kind == "dir" and existing in table._dirs:
                 table._set_attr(existing, table._entry_attr(entry))
@@ -193,10 +195,10 @@ class InodeTable:
                 continue
             # A later entry with the same name replaces the earlier one, as in tar.
             ino = table._add_entry(entry, parent)
-            table._dirs[parent][base.encode()] = ino
+            dirs[parent][base.encode()] = ino
             by_name[path] = ino
-            if kind == "reg":
-                table._add_chunks(ino, toc, entry)
+            if kind == "reg" and entry.chunks:
+                table._add_chunks(ino, entry.chunks)
         for parts, entry in hardlinks:
             target = "/".join(_split(entry.link_name))
             ino = by_name.get(target)
@@ -252,7 +254,11 @@ class InodeTable:
 
     def _add_entry(self, entry: TOCEntry, parent: int) -> int:
         a = self._entry_attr(entry)
-        ino = self._add(a.mode, a.uid, a.gid, a.nlink, a.size, a.mtime_ns, parent=parent, rdev=a.rdev)
+        self._attrs += _ATTR.pack(*a)
+        self._parent.append(parent)
+        self._chunk_start.append(0)
+        self._chunk_count.append(0)
+        ino = len(self._parent)
         if entry.type == "dir":
             self._dirs[ino] = {}
         elif entry.type == "symlink":
@@ -285,8 +291,7 @@ class InodeTable:
             ino = child
         return ino
 
-    def _add_chunks(self, ino: int, toc: TOC, entry: TOCEntry) -> None:
-        chunks = toc.file_chunks(entry)
+    def _add_chunks(self, ino: int, chunks: tuple[Chunk, ...]) -> None:
         self._chunk_start[ino - 1] = len(self._c_file_off)
         self._chunk_count[ino - 1] = len(chunks)
         for chunk in chunks:
@@ -303,8 +308,7 @@ class InodeTable:
             self._set_attr(ino, Attr(a.mode, a.uid, a.gid, 2 + subdirs, a.size, a.mtime_ns, a.rdev))
 
     def _set_attr(self, ino: int, a: Attr) -> None:
-        _ATTR.pack_into(self._attrs, (ino - 1) * _ATTR.size, a.mode, a.uid, a.gid, a.nlink, a.size,
-                        a.mtime_ns, a.rdev)
+        _ATTR.pack_into(self._attrs, (ino - 1) * _ATTR.size, *a)
 
     # -- queries -----------------------------------------------------------
 
