@@ -75,8 +75,11 @@ def test_second_read_comes_from_page_cache(worker_env: WorkerEnv, rich_layer: Bu
     for _ in range(3):
         assert read_file(mnt / "data/big.bin") == first
     after = worker_env.mount_status("pc")
-    assert (after["reads"], after["bytes_read"], after["cache_hits"], after["cache_misses"]) == (
-        after_first["reads"], after_first["bytes_read"], after_first["cache_hits"], after_first["cache_misses"])
+    # Three more passes over 5 MiB reach the worker for at most a few pages: the ones this
+    # VM's DAMON "pageout" scheme (/sys/kernel/mm/damon) evicted meanwhile. Without the page
+    # cache every pass would repeat all of the first pass's reads.
+    assert after["bytes_read"] - after_first["bytes_read"] <= 64 * 1024, (after_first, after)
+    assert after["reads"] - after_first["reads"] <= 16 and after["cache_misses"] == after_first["cache_misses"]
     assert worker_env.fetcher.stats.requests == fetches
 
 
@@ -108,7 +111,9 @@ def test_kernel_opens_files_without_asking_the_worker(worker_env: WorkerEnv, ric
     for _ in range(3):
         assert {p.name: read_file(p) for p in names} == first
     after = worker_env.mount_status("noopen")
-    assert (after["opens"], after["reads"]) == (1, after_first["reads"])  # nothing reached the worker
+    assert after["opens"] == 1  # the kernel opened every file itself
+    # Reads stay in the page cache, but for the odd page DAMON evicted (see the test above).
+    assert after["reads"] - after_first["reads"] <= 16, (after_first, after)
     # Files in other layers of the same worker are still told apart by inode.
     other = worker_env.mount(rich_layer, "noopen2")
     assert read_file(other / "many/f0005") == first["f0005"]
