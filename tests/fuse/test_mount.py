@@ -75,9 +75,10 @@ def test_second_read_comes_from_page_cache(worker_env: WorkerEnv, rich_layer: Bu
     for _ in range(3):
         assert read_file(mnt / "data/big.bin") == first
     after = worker_env.mount_status("pc")
-    # Three more passes over 5 MiB reach the worker for at most a few pages: the ones this
-    # VM's DAMON "pageout" scheme (/sys/kernel/mm/damon) evicted meanwhile. Without the page
-    # cache every pass would repeat all of the first pass's reads.
+    # Three more passes over 5 MiB reach the worker for at most a few pages: the kernel may
+    # drop clean page-cache pages at any time, and here it drops a handful (single 4-8 KiB
+    # reads) in about one run of ten. Without the page cache every pass would repeat all
+    # of the first pass's 128 KiB reads.
     assert after["bytes_read"] - after_first["bytes_read"] <= 64 * 1024, (after_first, after)
     assert after["reads"] - after_first["reads"] <= 16 and after["cache_misses"] == after_first["cache_misses"]
     assert worker_env.fetcher.stats.requests == fetches
@@ -112,7 +113,7 @@ def test_kernel_opens_files_without_asking_the_worker(worker_env: WorkerEnv, ric
         assert {p.name: read_file(p) for p in names} == first
     after = worker_env.mount_status("noopen")
     assert after["opens"] == 1  # the kernel opened every file itself
-    # Reads stay in the page cache, but for the odd page DAMON evicted (see the test above).
+    # Reads stay in the page cache, but for the odd page the kernel dropped (see the test above).
     assert after["reads"] - after_first["reads"] <= 16, (after_first, after)
     # Files in other layers of the same worker are still told apart by inode.
     other = worker_env.mount(rich_layer, "noopen2")
