@@ -48,7 +48,7 @@ class LazydSource:
             await self._registry.close()
             self._registry = None
 
-    async def _client(self) -> RegistryClient:
+    def _client(self) -> RegistryClient:
         if self._registry is None:
             from lazyd.registry import RegistryClient  # aiohttp: only when a blob or fallback needs it
 
@@ -60,7 +60,7 @@ class LazydSource:
         result = await self._ask_lazyd(ref)
         if result is None:
             self.resolved_by = "registry"
-            return await (await self._client()).resolve(ref)
+            return await self._client().resolve(ref)
         self.resolved_by = "lazyd"
         index = (result.index, result.index_media_type or "", result.index_digest) if result.index_digest else None
         return Image.from_raw(ref, result.manifest, result.manifest_media_type, result.manifest_digest,
@@ -83,4 +83,4 @@ class LazydSource:
     async def fetch_blob(self, ref: Reference, digest: str, path: str | os.PathLike[str],
                          progress: ProgressFn | None = None) -> int:
         """Download a whole blob (a layer pulled in full) with the registry client."""
-        return await (await self._client()).fetch_blob(ref, digest, path, progress=progress)
+        return await self._client().fetch_blob(ref, digest, path, progress=progress)

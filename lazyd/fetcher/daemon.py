@@ -53,7 +53,7 @@ from lazyd import mounttable
 from lazyd.api.server import Handler, Server
 from lazyd.cache.store import ChunkStore
 from lazyd.config import DaemonConfig
-from lazyd.fetcher.layers import Layer, LayerTable, Member, registry_error
+from lazyd.fetcher.layers import Layer, LayerTable, Member, atomic_write, registry_error
 from lazyd.fetcher.scheduler import Scheduler
 from lazyd.fetcher.workers import Supervisor, WorkerError, WorkerHandle
 from lazyd.registry import InvalidReferenceError, Reference, RegistryClient, RegistryError
@@ -187,12 +187,7 @@ class Daemon:
         return self.root / "mounts" / f"{mount_id}.json"
 
     def _save_mount(self, record: MountRecord) -> None:
-        path = self._record_path(record.mount_id)
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(record.persisted(), f)
-        os.replace(tmp, path)
+        atomic_write(self._record_path(record.mount_id), json.dumps(record.persisted()).encode(), sync=False)
 
     def _forget_mount(self, record: MountRecord) -> None:
         self.mounts.pop(record.mount_id, None)

@@ -199,8 +199,9 @@ class LayerTable:
     def remember(self, image: Image) -> None:
         """Keep ``image`` (its ref is pinned to the manifest digest) for TOC-digest lookups."""
         if image.ref.digest:
-            self._images[(image.ref.registry, image.ref.repository, image.ref.digest)] = image
-            self._images.move_to_end((image.ref.registry, image.ref.repository, image.ref.digest))
+            key = (image.ref.registry, image.ref.repository, image.ref.digest)
+            self._images[key] = image
+            self._images.move_to_end(key)
             while len(self._images) > RECENT_IMAGES:
                 self._images.popitem(last=False)
 
@@ -222,7 +223,7 @@ class LayerTable:
             totals = layer.counters.totals()
             if totals != self._saved.get(layer.digest):
                 try:
-                    _atomic_write(layer.toc_path.with_name(COUNTERS_FILE), json.dumps(totals).encode(), sync=False)
+                    atomic_write(layer.toc_path.with_name(COUNTERS_FILE), json.dumps(totals).encode(), sync=False)
                 except OSError as exc:
                     log.warning("cannot save the counters of layer %s: %s", layer.digest, exc)
                     continue
@@ -314,10 +315,10 @@ class LayerTable:
     def _persist(self, meta: LayerMeta, json_bytes: bytes, inodes: bytes) -> Path:
         d = layer_dir(self.root, meta.layer_digest)
         d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _atomic_write(d / "toc.json", json_bytes)
+        atomic_write(d / "toc.json", json_bytes)
         # A derived cache: a worker checks it and falls back to toc.json, so no fsync.
-        _atomic_write(d / INODES_FILE, inodes, sync=False)
-        _atomic_write(d / "meta.json", json.dumps(asdict(meta)).encode())
+        atomic_write(d / INODES_FILE, inodes, sync=False)
+        atomic_write(d / "meta.json", json.dumps(asdict(meta)).encode())
         return d / "toc.json"
 
     def _load(self, digest: str) -> Layer | None:
@@ -350,7 +351,9 @@ def _parse_toc(member: bytes, toc_digest: str, toc_offset: int) -> tuple[bytes, 
     return json_bytes, toc, InodeTable.from_toc(toc).dumps(toc_digest)
 
 
-def _atomic_write(path: Path, data: bytes, sync: bool = True) -> None:
+def atomic_write(path: Path, data: bytes, sync: bool = True) -> None:
+    """Replace ``path`` with ``data`` (mode 0600) so that readers see the old or the new file;
+    ``sync`` makes it durable first."""
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
