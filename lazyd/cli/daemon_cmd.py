@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from lazyd.cli.lazyctl import DEFAULT_SOCKET
 from lazyd.cli.output import fail, human_bytes, print_json, print_table
+from lazyd.cli.registry import add_global
 
 if TYPE_CHECKING:
     from lazyd.api.client import Client
@@ -15,14 +16,18 @@ if TYPE_CHECKING:
 
 
 def _socket_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--socket", default=DEFAULT_SOCKET, help=f"daemon socket (default {DEFAULT_SOCKET})")
+    add_global(p, "socket", default=DEFAULT_SOCKET, help="daemon socket")
+
+
+def _json_arg(p: argparse.ArgumentParser) -> None:
+    add_global(p, "json", default=False, help="one JSON document for scripts")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
     """Add status, mount, umount, check, cache and shutdown."""
     p = sub.add_parser("status", help="show mounts, fetch counters, workers and cache usage")
     _socket_arg(p)
-    p.add_argument("--json", action="store_true", help="one JSON document for scripts")
+    _json_arg(p)
     p.set_defaults(func=_status)
 
     p = sub.add_parser("mount", help="lazily mount one eStargz layer")
@@ -32,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--toc-digest", help="TOC digest (default: the layer's manifest annotation)")
     p.add_argument("--no-prefetch-wait", action="store_true", help="do not wait for the prefetch")
-    p.add_argument("--json", action="store_true")
+    _json_arg(p)
     p.set_defaults(func=_mount)
 
     p = sub.add_parser("umount", help="unmount a layer mounted by the daemon")
@@ -43,14 +48,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
     p = sub.add_parser("check", help="is a mount served, and is its registry reachable?")
     _socket_arg(p)
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
-    p.add_argument("--json", action="store_true")
+    _json_arg(p)
     p.set_defaults(func=_check)
 
     p = sub.add_parser("cache", help="chunk cache usage or eviction")
     _socket_arg(p)
     p.add_argument("action", choices=["stats", "evict"])
     p.add_argument("--layer", dest="layer_digest", help="evict only this (unmounted) layer")
-    p.add_argument("--json", action="store_true")
+    _json_arg(p)
     p.set_defaults(func=_cache)
 
     p = sub.add_parser("shutdown", help="clean stop: unmount everything, stop the workers and the daemon")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lazyd.cli.output import fail, format_table, human_bytes, print_json, progress
+from lazyd.cli.registry import add_global
 
 if TYPE_CHECKING:
     from lazyd.convert import ConvertOptions, ConvertResult
@@ -38,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
     p.add_argument("--prioritized", metavar="FILE", type=Path,
                    help="file listing paths (one a line) to place first, before the prefetch landmark")
     p.add_argument("--chunk-size", metavar="N", type=int, help="eStargz chunk size in bytes")
-    p.add_argument("--json", action="store_true", help="print a JSON summary (no progress bar)")
+    add_global(p, "json", default=False, help="print a JSON summary (no progress bar)")
     add_registry_args(p)
     p.set_defaults(func=_convert)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lazyd.cli.output import fail, human_bytes, print_json, print_table, progress
+from lazyd.cli.registry import add_global
 
 if TYPE_CHECKING:
     from lazyd.estargz import TOCEntry
@@ -30,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
                       help="payload chunk size in bytes (default 4 MiB)")
     conv.add_argument("--level", type=int, default=None, metavar="N",
                       help="gzip compression level 0-9 (default 9)")
-    conv.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_global(conv, "json", default=False, help="print the result as JSON")
     conv.set_defaults(func=_convert)
 
     insp = lsub.add_parser("inspect", help="verify an eStargz blob, list it or extract a file")
@@ -39,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
     insp.add_argument("--list", action="store_true", help="list the TOC entries")
     insp.add_argument("--extract", metavar="PATH", help="write this file's bytes to stdout")
     insp.add_argument("--no-chunk-verify", action="store_true", help="check only the footer and TOC")
-    insp.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_global(insp, "json", default=False, help="print the result as JSON")
     insp.set_defaults(func=_inspect)
 
 

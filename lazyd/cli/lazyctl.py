@@ -19,11 +19,24 @@ _COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return _build("lazyctl", "Control lazyd and build eStargz images.", _COMMAND_MODULES)
+    """lazyctl's parser; every command also takes ``--log-level`` (before or after it)."""
+    return _build("lazyctl", "Control lazyd and build eStargz images. Global options (--socket, --address, "
+                  "--namespace, --json, --log-level) go before or after the command.", _COMMAND_MODULES,
+                  common={"log_level": (None, "log lazyctl's registry, containerd and conversion "
+                                                  "messages at this level (default: warnings only)")})
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    """``--log-level``: log lazyctl's libraries (registry, containerd, conversion) to stderr."""
+    if args.log_level is not None:
+        import logging
+
+        logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                            format="%(asctime)s lazyctl %(levelname)s %(name)s: %(message)s")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), argv)
+    return run(build_parser(), argv, _configure_logging)
 
 
 if __name__ == "__main__":

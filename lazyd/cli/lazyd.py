@@ -14,7 +14,8 @@ _COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return _build("lazyd", "Lazy-pulling image daemon.", _COMMAND_MODULES)
+    """lazyd's parser; the daemons' options (--config, --root, --socket, ...) go before or after the command."""
+    return _build("lazyd", "Lazy-pulling image daemon. Options go before or after the command.", _COMMAND_MODULES)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,8 @@ DEFAULT_SNAPSHOTTER = "lazyd"
 
 def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
     """Add ``rpull`` to ``sub``."""
+    from lazyd.cli.registry import add_global
+
     p = sub.add_parser(
         "rpull",
         help="pull an image into containerd, mounting eStargz layers lazily",
@@ -39,14 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
                    help="talk plain HTTP to REF's registry (for what rpull fetches itself)")
     p.add_argument("--hosts-dir", default=None,
                    help="containerd-style certs.d directory with hosts.toml files (for what rpull fetches itself)")
-    p.add_argument("--address", default=DEFAULT_ADDRESS, help=f"containerd socket (default {DEFAULT_ADDRESS})")
-    p.add_argument("--namespace", default=DEFAULT_NAMESPACE, help=f"containerd namespace (default {DEFAULT_NAMESPACE})")
+    add_global(p, "address", default=DEFAULT_ADDRESS, help="containerd socket")
+    add_global(p, "namespace", default=DEFAULT_NAMESPACE, help="containerd namespace")
     p.add_argument("--snapshotter", default=DEFAULT_SNAPSHOTTER,
                    help=f"containerd snapshotter to unpack into (default {DEFAULT_SNAPSHOTTER})")
-    p.add_argument("--socket", default=DEFAULT_SOCKET,
-                   help=f"lazyd's socket: it resolves REF and says why a layer was not mounted lazily "
-                   f"(default {DEFAULT_SOCKET})")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_global(p, "socket", default=DEFAULT_SOCKET,
+               help="lazyd's socket: it resolves REF and says why a layer was not mounted lazily")
+    add_global(p, "json", default=False, help="print the result as JSON")
     p.set_defaults(func=run)
 
 

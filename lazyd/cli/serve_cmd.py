@@ -8,7 +8,8 @@ import logging
 import os
 import sys
 
-from lazyd.config import LOG_LEVELS, load_config
+from lazyd.cli.registry import add_global
+from lazyd.config import load_config
 from lazyd.configfile import ConfigError
 
 
@@ -18,11 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
                        description="Run the fetcher daemon. SIGTERM/SIGINT stop it WITHOUT unmounting "
                                    "(workers keep serving; the next 'lazyd serve' adopts them); "
                                    "'lazyctl shutdown' is the clean stop that unmounts.")
-    p.add_argument("--config", help="config file (default /etc/lazyd/config.toml if it exists)")
-    p.add_argument("--root", help="state directory (overrides 'root')")
-    p.add_argument("--socket", help="API socket path (overrides 'socket')")
+    add_global(p, "config", help="config file (default /etc/lazyd/config.toml if it exists)")
+    add_global(p, "root", help="state directory (overrides 'root')")
+    add_global(p, "socket", help="API socket path (overrides 'socket')")
     p.add_argument("--hosts-dir", help="containerd-style certs.d directory (overrides registry.hosts_dir)")
-    p.add_argument("--log-level", choices=LOG_LEVELS, help="overrides 'log_level'")
+    add_global(p, "log_level", help="overrides 'log_level'")
     p.set_defaults(func=run)
 
 

@@ -11,7 +11,8 @@ import threading
 from pathlib import Path
 
 from lazyd.configfile import ConfigError
-from lazyd.snapshotter.config import LOG_LEVELS, SnapshotterConfig, load_config
+from lazyd.cli.registry import add_global
+from lazyd.snapshotter.config import SnapshotterConfig, load_config
 
 DEFAULT_CONFIG = Path("/etc/lazyd/config.toml")
 
@@ -22,11 +23,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
                        description="Serve containerd's snapshot API on a Unix socket (mode 0600). "
                                    "Layers with remote-snapshot labels are mounted lazily by 'lazyd serve'; "
                                    "anything else is a normal overlayfs snapshot.")
-    p.add_argument("--config", help=f"TOML file with a [snapshotter] table (default {DEFAULT_CONFIG} if it exists)")
-    p.add_argument("--root", help="state directory (default /var/lib/lazyd/snapshotter)")
-    p.add_argument("--address", help="gRPC socket for containerd (default /run/lazyd/snapshotter.sock)")
-    p.add_argument("--lazyd-socket", help="lazyd API socket (default /run/lazyd/lazyd.sock)")
-    p.add_argument("--log-level", choices=LOG_LEVELS, help="overrides log_level")
+    add_global(p, "config", help=f"TOML file with a [snapshotter] table (default {DEFAULT_CONFIG} if it exists)")
+    add_global(p, "root", help="state directory (default /var/lib/lazyd/snapshotter)")
+    add_global(p, "address", help="gRPC socket for containerd (default /run/lazyd/snapshotter.sock)")
+    add_global(p, "lazyd_socket", help="lazyd API socket (default /run/lazyd/lazyd.sock)")
+    add_global(p, "log_level", help="overrides log_level")
     p.set_defaults(func=run)
 
 
