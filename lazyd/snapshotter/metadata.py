@@ -198,7 +198,11 @@ class MetaStore:
             return self._require(key)
 
     def commit(self, key: str, name: str, labels: dict[str, str], size: int = 0, inodes: int = 0) -> Info:
-        """Turn active snapshot ``key`` into committed ``name`` (same id)."""
+        """Turn active snapshot ``key`` into committed ``name`` (same id).
+
+        As in containerd's ``storage.CommitActive``, the committed snapshot is a new one:
+        its created and updated times are both the commit time.
+        """
         if not name:
             raise InvalidArgumentError(f"commit of {key!r}: name must not be empty")
         with self._lock, self._tx():
@@ -209,8 +213,8 @@ class MetaStore:
                 raise AlreadyExistsError(f"snapshot {name!r} already exists")
             now = _now_ns()
             self._db.execute(
-                "UPDATE snapshots SET key=?, kind=?, updated_ns=?, labels=?, size=?, inodes=? WHERE id=?",
-                (name, int(Kind.COMMITTED), now, json.dumps(labels or {}), size, inodes, info.id),
+                "UPDATE snapshots SET key=?, kind=?, created_ns=?, updated_ns=?, labels=?, size=?, inodes=? WHERE id=?",
+                (name, int(Kind.COMMITTED), now, now, json.dumps(labels or {}), size, inodes, info.id),
             )
             return self._require(name)
 
