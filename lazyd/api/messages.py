@@ -296,6 +296,8 @@ class WorkerStatusResult(Message):
 
     ``no_open`` is true when the worker's llfuse passes the inode to ``read`` (lazyd's
     patched build), so the kernel opens files without asking the worker.
+    ``llfuse_version`` is the ``llfuse.__version__`` the worker imported ("" from a
+    worker started before this field existed).
     """
 
     pid: int
@@ -304,6 +306,7 @@ class WorkerStatusResult(Message):
     fetcher_connected: bool
     mounts: list[WorkerMountStatus] = _f([])
     no_open: bool = False
+    llfuse_version: str = _f("", max_len=MAX_ID)
 
 
 # -- main ops (clients -> fetcher) ---------------------------------------------------
@@ -399,11 +402,15 @@ class MountsResult(Message):
 
 @dataclass(frozen=True)
 class WorkerInfo(Message):
+    """One worker in ``status``; ``llfuse_version`` and ``no_open`` are null when it did not answer."""
+
     worker_id: int
     pid: int
     state: str
     mounts: int
     restarts: int = 0
+    llfuse_version: str | None = _f(None, max_len=MAX_ID)
+    no_open: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -441,7 +448,11 @@ class FallbackInfo(Message):
 
 @dataclass(frozen=True)
 class StatusResult(Message):
-    """``status``: the whole daemon."""
+    """``status``: the whole daemon.
+
+    ``llfuse_version``: the llfuse build the workers use (they import llfuse, the fetcher
+    does not), comma-separated if they differ; null when no worker answered.
+    """
 
     pid: int
     version: str
@@ -453,6 +464,7 @@ class StatusResult(Message):
     cache: CacheStats
     totals: Totals
     fallbacks: list[FallbackInfo] = _f([])
+    llfuse_version: str | None = _f(None, max_len=MAX_TEXT)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from lazyd.cli.lazyctl import DEFAULT_SOCKET
 from lazyd.cli.output import fail, human_bytes, print_json, print_table
 from lazyd.cli.registry import add_global
+from lazyd.cli.version import describe_llfuse
 
 if TYPE_CHECKING:
     from lazyd.api.client import Client
@@ -80,6 +81,8 @@ def _pct(part: int, whole: int) -> str:
 
 def _print_status(st: StatusResult) -> None:
     print(f"lazyd {st.version} pid {st.pid}  root {st.root}  socket {st.socket}")
+    llfuse = describe_llfuse(st.llfuse_version) if st.llfuse_version else "unknown (no worker answered)"
+    print(f"llfuse {llfuse}")
     rows = []
     for m in st.mounts:
         ly = m.layer
@@ -91,8 +94,9 @@ def _print_status(st: StatusResult) -> None:
     print_table(["MOUNTPOINT", "STATE", "LAYER", "SIZE", "FETCHED", "PCT", "DEMAND", "PREFETCH", "BACKGROUND",
                  "HITS", "MISSES", "INFLIGHT", "REQUESTS", "PID", "ERROR"], rows)
     print()
-    print_table(["WORKER", "PID", "STATE", "MOUNTS", "RESTARTS"],
-                [[w.worker_id, w.pid, w.state, w.mounts, w.restarts] for w in st.workers])
+    print_table(["WORKER", "PID", "STATE", "MOUNTS", "RESTARTS", "LLFUSE", "NO_OPEN"],
+                [[w.worker_id, w.pid, w.state, w.mounts, w.restarts, w.llfuse_version or "-",
+                  "-" if w.no_open is None else ("yes" if w.no_open else "no")] for w in st.workers])
     t = st.totals
     print()
     print(f"registry: {t.registry_requests} requests, {human_bytes(t.registry_bytes)} received, "

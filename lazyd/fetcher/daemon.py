@@ -460,19 +460,22 @@ class Daemon:
         state = record.state if served or record.state != "ready" else "broken"
         return CheckResult(served=served, registry_reachable=reachable, state=state, error=error)
 
-    async def _worker_mounts(self) -> dict[str, WorkerMountStatus]:
-        out: dict[str, WorkerMountStatus] = {}
+    async def _worker_statuses(self) -> dict[int, WorkerStatusResult]:
+        """``worker.status`` of each ready worker that answers, by worker id."""
+        out: dict[int, WorkerStatusResult] = {}
 
         async def one(handle: WorkerHandle) -> None:
             try:
-                st: WorkerStatusResult = await handle.call("worker.status", timeout=5.0)  # type: ignore[assignment]
+                out[handle.worker_id] = await handle.call("worker.status", timeout=5.0)  # type: ignore[assignment]
             except ApiError:
                 return
-            for m in st.mounts:
-                out[m.mount_id] = m
 
         await asyncio.gather(*(one(h) for h in self.supervisor.workers.values() if h.state == "ready"))
         return out
+
+    async def _worker_mounts(self, statuses: dict[int, WorkerStatusResult] | None = None) -> dict[str, WorkerMountStatus]:
+        statuses = await self._worker_statuses() if statuses is None else statuses
+        return {m.mount_id: m for st in statuses.values() for m in st.mounts}
 
     def _layer_stats(self, layer: Layer | None) -> LayerStats:
         if layer is None:
@@ -480,8 +483,8 @@ class Daemon:
         _, cached = self.store.layer_usage(layer.digest)
         return layer.counters.stats(layer.meta.blob_size, cached)
 
-    async def _mount_infos(self) -> list[MountInfo]:
-        live = await self._worker_mounts()
+    async def _mount_infos(self, statuses: dict[int, WorkerStatusResult] | None = None) -> list[MountInfo]:
+        live = await self._worker_mounts(statuses)
         infos = []
         for record in sorted(self.mounts.values(), key=lambda r: r.mountpoint):
             handle = self.supervisor.workers.get(record.worker_id)
@@ -502,11 +505,16 @@ class Daemon:
         return MountsResult(await self._mount_infos())
 
     async def op_status(self, _args: Empty) -> StatusResult:
-        mounts = await self._mount_infos()
-        workers = [WorkerInfo(worker_id=h.worker_id, pid=h.pid, state=h.state,
-                              mounts=sum(1 for m in self.mounts.values() if m.worker_id == h.worker_id),
-                              restarts=h.restarts)
-                   for h in sorted(self.supervisor.workers.values(), key=lambda h: h.worker_id)]
+        statuses = await self._worker_statuses()
+        mounts = await self._mount_infos(statuses)
+        workers = []
+        for h in sorted(self.supervisor.workers.values(), key=lambda h: h.worker_id):
+            ws = statuses.get(h.worker_id)
+            workers.append(WorkerInfo(worker_id=h.worker_id, pid=h.pid, state=h.state,
+                                      mounts=sum(1 for m in self.mounts.values() if m.worker_id == h.worker_id),
+                                      restarts=h.restarts, llfuse_version=ws.llfuse_version if ws else None,
+                                      no_open=ws.no_open if ws else None))
+        builds = sorted({w.llfuse_version or "unknown" for w in workers if w.llfuse_version is not None})
         layers = self.layers.all()
         rs = self.registry.stats
         totals = Totals(
@@ -519,7 +527,8 @@ class Daemon:
             fallbacks=self.fallback_count)
         return StatusResult(pid=os.getpid(), version=VERSION, root=str(self.root), socket=self.config.socket,
                             started_at=self.started_at, mounts=mounts, workers=workers,
-                            cache=await self._cache_stats(), totals=totals, fallbacks=list(self.fallbacks))
+                            cache=await self._cache_stats(), totals=totals, fallbacks=list(self.fallbacks),
+                            llfuse_version=", ".join(builds) or None)
 
     async def _cache_stats(self, evicted: int | None = None) -> CacheStats:
         s = await asyncio.to_thread(self.store.stats)

@@ -268,7 +268,7 @@ class Worker:
         return messages.WorkerStatusResult(pid=os.getpid(), worker_id=self.opts.worker_id,
                                            fuse_root=str(self.opts.fuse_root),
                                            fetcher_connected=self.fetcher.connected, mounts=out,
-                                           no_open=self.fs.no_open)
+                                           no_open=self.fs.no_open, llfuse_version=llfuse.__version__)
 
     def shutdown(self) -> None:
         """Unmount every bind and the FUSE mount; the main loop then ends and the process exits."""
