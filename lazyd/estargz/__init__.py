@@ -23,8 +23,8 @@ from lazyd.estargz.toc import (
     Chunk,
     TOCEntry,
     decode_toc_member,
-    normalize_name,
 )
+from lazyd.estargz.names import normalize_name
 from lazyd.estargz.verify import VerifyReport, verify_blob
 from lazyd.estargz.writer import BuildOptions, BuildResult, build
 __all__ = [

@@ -28,7 +28,8 @@ class TruncatedBlobError(EStargzError):
 
 
 class UnsafePathError(TOCError):
-    """An entry name (or hardlink target) is absolute or climbs out of the layer with '..'."""
+    """An entry name (or hardlink target) cannot name a file: it holds a NUL byte.  (Absolute
+    names and '..' are not errors: they are cleaned as the reference cleans them.)"""
 
 
 class NotARegularFileError(EStargzError):

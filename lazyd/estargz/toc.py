@@ -1,8 +1,10 @@
 """The TOC: decode the TOC member, validate every entry, build the entry tree and chunk table.
 
-``TOC.parse`` takes the JSON bytes of ``stargz.index.json``.  Names are normalised
-(``./a/`` -> ``a``; the root is ``""``), hardlinks are resolved by ``lookup`` and
-``children``, implied parent directories exist in ``lookup`` (``implied=True``) but
+``TOC.parse`` takes the JSON bytes of ``stargz.index.json``.  Names (and hardlink
+targets) are read as the reference reads them (``lazyd.estargz.names``: ``./a/`` and
+``/a`` -> ``a``, ``../../x`` -> ``x``; the root ``/`` or ``./`` is ``""``); an entry whose
+name repeats an earlier one replaces it, as in the reference.  Hardlinks are resolved
+by ``lookup`` and ``children``, implied parent directories exist in ``lookup`` (``implied=True``) but
 never in ``entries``.  Whiteout names are kept as they are.
 """
 
@@ -22,6 +24,7 @@ from typing import Any
 
 from lazyd.estargz.errors import TOCDigestMismatch, TOCError, TruncatedBlobError, UnsafePathError
 from lazyd.estargz.gzipio import DECOMPRESS_ERRORS, decompress_member
+from lazyd.estargz.names import normalize_name, parent_of
 
 TOC_TAR_NAME = "stargz.index.json"
 PREFETCH_LANDMARK = ".prefetch.landmark"
@@ -41,25 +44,6 @@ _FIELD_TYPES: dict[str, type] = {
 }
 _TYPE_BITS = {"dir": stat.S_IFDIR, "reg": stat.S_IFREG, "symlink": stat.S_IFLNK, "hardlink": stat.S_IFREG,
               "char": stat.S_IFCHR, "block": stat.S_IFBLK, "fifo": stat.S_IFIFO, "chunk": stat.S_IFREG}
-
-
-def normalize_name(name: str, what: str = "name") -> str:
-    """``./a//b/`` -> ``a/b``; ``.`` or ``./`` -> ``""``.  Absolute names and ``..`` raise UnsafePathError."""
-    if not (name.startswith((".", "/")) or name.endswith("/") or "/." in name or "//" in name or "\x00" in name):
-        return name  # already normal: no empty, "." or ".." components
-    if "\x00" in name:
-        raise UnsafePathError(f"{what} {name!r} contains a NUL byte")
-    if name.startswith("/"):
-        raise UnsafePathError(f"{what} {name!r} is absolute")
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise UnsafePathError(f"{what} {name!r} contains '..'")
-    return "/".join(parts)
-
-
-def parent_of(name: str) -> str:
-    """Parent of a normalised name (``"a/b"`` -> ``"a"``, ``"a"`` -> ``""``)."""
-    return name.rpartition("/")[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,7 +178,7 @@ def _entry_from_json(i: int, raw: Any, modtimes: dict[str, float]) -> TOCEntry:
         raise TOCError(f"{_where(i, raw)}: unknown type {kind!r}")
     if kind != "chunk" and "name" not in raw:
         raise TOCError(f"{_where(i, raw)}: missing field 'name'")
-    name = normalize_name(raw.get("name", ""))
+    name = normalize_name(raw.get("name", ""), f"entry {i} name")
     link = raw.get("linkName", "")
     if kind in ("symlink", "hardlink") and not link:
         raise TOCError(f"{_where(i, raw)}: {kind} is missing field 'linkName'")
@@ -296,7 +280,7 @@ class TOC:
         target unless ``resolve`` is False; implied parent directories are returned with
         ``implied=True``."""
         try:
-            key = normalize_name(name.lstrip("/"))
+            key = normalize_name(name)
         except UnsafePathError:
             return None
         entry = self._by_name.get(key)

@@ -9,7 +9,11 @@ headers up to the next payload stay in that file's last member.  Then comes the 
 member (a tar holding ``stargz.index.json``, then the tar end blocks) and the footer.
 
 Tar headers are copied byte-for-byte from the input, so PAX records, GNU long names
-and xattrs survive unchanged.  Members are compressed by a thread pool (the deflate
+and xattrs survive unchanged.  Names are read as the reference reads them
+(``lazyd.estargz.names``: ``/``, ``./`` are the root, ``../../x`` is ``x``); a later
+entry with the same cleaned name replaces an earlier one, as in the reference's
+``estargz.Build``.  The TOC records each entry's name as the tar spells it (so does the
+reference), and every reader cleans it the same way.  Members are compressed by a thread pool (the deflate
 call releases the GIL); the output order and bytes do not depend on the pool size.
 """
 
@@ -21,7 +25,6 @@ import json
 import math
 import mmap
 import os
-import posixpath
 import tarfile
 import tempfile
 from collections import deque
@@ -36,14 +39,8 @@ from typing import BinaryIO, Union
 from lazyd.estargz.errors import BuildError
 from lazyd.estargz.footer import footer_bytes
 from lazyd.estargz.gzipio import COMPRESSOR, DECOMPRESS_ERRORS, DECOMPRESSOR, GZIP_WBITS
-from lazyd.estargz.toc import (
-    LANDMARK_CONTENTS,
-    NO_PREFETCH_LANDMARK,
-    PREFETCH_LANDMARK,
-    TOC_TAR_NAME,
-    normalize_name,
-    parent_of,
-)
+from lazyd.estargz.names import normalize_name, parent_of
+from lazyd.estargz.toc import LANDMARK_CONTENTS, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME
 
 DEFAULT_CHUNK_SIZE = 4 << 20
 DEFAULT_LEVEL = 9  # what the reference (gzip.BestCompression) uses
@@ -197,6 +194,8 @@ def _scan(f: BinaryIO) -> list[_Member]:
         name = normalize_name(info.name, "tar entry name")
         if kind == "hardlink":
             normalize_name(info.linkname, f"tar entry {info.name!r}: hardlink target")
+        if not name and kind != "dir":
+            raise BuildError(f"tar entry {info.name!r} names the layer root but is a {kind}, not a directory")
         if name in (TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK):
             continue  # a previous conversion's TOC or landmark
         size = info.size if kind == "reg" else 0
@@ -210,11 +209,6 @@ def _landmark(name: str) -> _Member:
     info.size, info.mode, info.type = len(LANDMARK_CONTENTS), 0, tarfile.REGTYPE
     header = info.tobuf(tarfile.USTAR_FORMAT)
     return _Member(name, info, "reg", header, 0, len(LANDMARK_CONTENTS), LANDMARK_CONTENTS)
-
-
-def _go_clean(path: str) -> str:
-    """Prioritized names as the reference takes them: relative to ``/``, ``..`` cannot climb."""
-    return posixpath.normpath("/" + path).lstrip("/")
 
 
 def _order(members: list[_Member], prioritized: list[str], allow_missing: bool) -> tuple[list[_Member], list[str]]:
@@ -245,7 +239,7 @@ def _order(members: list[_Member], prioritized: list[str], allow_missing: bool) 
         moved[name] = m
 
     for raw in prioritized:
-        name = _go_clean(raw)
+        name = normalize_name(raw, "prioritized file")
         if name not in index:
             if not allow_missing:
                 raise BuildError(f"prioritized file {raw!r} is not in the layer")
@@ -342,7 +336,9 @@ class _TOCBuilder:
 
     def add(self, m: _Member) -> dict[str, object]:
         info = m.info
-        e: dict[str, object] = {"name": info.name, "type": m.kind}
+        # The name as the tar spells it (Python's tarfile drops a directory's trailing "/", so it
+        # is put back: "./", "/" and "etc/" as the reference records them).
+        e: dict[str, object] = {"name": info.name + "/" if m.kind == "dir" else info.name, "type": m.kind}
         if m.kind == "reg" and m.size:
             e["size"] = m.size
         if t := _modtime(info.mtime):

@@ -176,6 +176,7 @@ class InodeTable:
                 if kind != "dir":
                     raise InodeTableError(f"the layer root is a {kind!r}, not a directory")
                 table._set_attr(ROOT, table._entry_attr(entry))
+                table._xattrs.pop(ROOT, None)  # a later root entry ("./" after "/") replaces an earlier one
                 table._set_xattrs(ROOT, entry)
                 continue
             parent_path, _, base = path.rpartition("/")

@@ -108,9 +108,16 @@ def test_toc_not_json_and_unsafe_names(blob: tuple[bytes, str]) -> None:
     with pytest.raises(TOCError, match="TOC is not JSON"):
         open_bytes(_with_toc(data, off, b"<html>not json</html>"))
     doc = json.loads(r.toc_json)
-    doc["entries"][3]["name"] = "../../etc/shadow"
-    with pytest.raises(UnsafePathError, match="'../../etc/shadow' contains '..'"):
+    doc["entries"][3]["name"] = "etc/sh\x00adow"
+    with pytest.raises(UnsafePathError, match=r"entry 3 name 'etc/sh\\x00adow' contains a NUL byte"):
         open_bytes(_with_toc(data, off, json.dumps(doc).encode()))
+    # ".." cannot climb out of the layer: the reference reads "../../NAME" as "NAME", and so do we.
+    doc = json.loads(r.toc_json)
+    name = doc["entries"][3]["name"]
+    doc["entries"][3]["name"] = "../../" + name
+    moved = open_bytes(_with_toc(data, off, json.dumps(doc).encode()))
+    assert moved.toc.entries[3].name == r.toc.entries[3].name
+    assert moved.toc.names() == r.toc.names()
     doc = json.loads(r.toc_json)
     doc["entries"][1]["type"] = "socket"
     with pytest.raises(TOCError, match="unknown type 'socket'"):

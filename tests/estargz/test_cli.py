@@ -74,3 +74,23 @@ def test_failures_exit_nonzero_with_message(tmp_path: Path, every_type_tar: Path
     assert proc.returncode == 1 and b"no eStargz footer" in proc.stderr
     proc = lazyctl("inspect", str(out), "--extract", "etc")
     assert proc.returncode == 1 and b"'etc' is a dir, not a regular file" in proc.stderr
+
+
+@pytest.mark.usefixtures("reference_tools")
+def test_convert_odd_names(tmp_path: Path) -> None:
+    """`layer convert` takes a tar with root, absolute, '..' and duplicate names; `layer inspect`
+    and the reference read the result as the same cleaned tree."""
+    from tests.estargz.trees import odd_names_specs, write_tar
+
+    src = write_tar(tmp_path / "odd.tar", odd_names_specs())
+    out = tmp_path / "odd.esgz"
+    proc = lazyctl("convert", "--json", str(src), str(out))
+    assert proc.returncode == 0, proc.stderr
+    digest = json.loads(proc.stdout)["tocDigest"]
+    assert reference_verify(out, digest).returncode == 0
+    listing = json.loads(lazyctl("inspect", "--json", "--list", str(out)).stdout)["list"]
+    assert [e["name"] for e in listing] == [".no.prefetch.landmark", "", "etc", "etc/hosts", "bin", "b", "x", "y",
+                                            "dup", "link", "bin/link2", "bin/sym", "deep/dir/f"]
+    assert lazyctl("inspect", "--extract", "../../x", str(out)).stdout == b"x\n"
+    assert lazyctl("inspect", "--extract", "/bin/link2", str(out)).stdout == b"x\n"
+    assert lazyctl("inspect", "--extract", "dup", str(out)).stdout == b"second\n"

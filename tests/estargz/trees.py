@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
+import os
 import subprocess
 import tarfile
 from dataclasses import dataclass, field
@@ -194,3 +196,123 @@ def toc_digest_of(blob: Path) -> str:
     with open_file(blob) as r:
         return r.toc.digest
 
+
+
+# -- odd entry names, read by lazyd and by the reference -------------------------------------
+
+GO_ENV = {"GO111MODULE": "off", "GOPATH": f"{INTEROP_BIN.parent / 'gopath'}:/usr/share/gocode",
+          "GOCACHE": str(INTEROP_BIN.parent / "gocache"), "GOPROXY": "off", "GOFLAGS": "", "CGO_ENABLED": "0"}
+GO_SOURCES = Path(__file__).resolve().parent
+
+# path -> (type, mode & 0o7777, uid, gid, size, symlink target, sha256 of the bytes); the root is "".
+Tree = dict[str, tuple[str, int, int, int, int, str, str]]
+
+
+def odd_names_specs() -> list[Spec]:
+    """Names a reference-made or hand-made layer can carry: root entries, absolute names, '..',
+    duplicates after cleaning, and hardlinks whose targets need cleaning."""
+    return [
+        Spec("/", "dir", mode=0o755),
+        Spec("./", "dir", mode=0o700),            # a second root entry: the later one wins
+        Spec("./etc/", "dir", mode=0o750),
+        Spec("/etc/hosts", data=b"hosts\n"),
+        Spec("etc/../bin/", "dir", mode=0o711),
+        Spec("a/../b", data=b"b\n"),
+        Spec("../../x", data=b"x\n", mode=0o600),  # cannot climb out of the layer
+        Spec("/../y", data=b"y\n"),
+        Spec("./dup", data=b"first\n"),
+        Spec("dup", data=b"second\n", mode=0o640),
+        Spec("link", "hardlink", link="/etc/../etc/hosts"),
+        Spec("bin/link2", "hardlink", link="../../x"),
+        Spec("bin/sym", "symlink", link="../../../etc/passwd"),
+        Spec("deep/./dir//f", data=b"deep\n"),
+    ]
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+ODD_NAMES_TREE: Tree = {
+    "": ("dir", 0o700, 0, 0, 0, "", ""),
+    "etc": ("dir", 0o750, 0, 0, 0, "", ""),
+    "etc/hosts": ("reg", 0o644, 0, 0, 6, "", _sha(b"hosts\n")),
+    "bin": ("dir", 0o711, 0, 0, 0, "", ""),
+    "bin/link2": ("reg", 0o600, 0, 0, 2, "", _sha(b"x\n")),
+    "bin/sym": ("symlink", 0o644, 0, 0, 0, "../../../etc/passwd", ""),
+    "b": ("reg", 0o644, 0, 0, 2, "", _sha(b"b\n")),
+    "x": ("reg", 0o600, 0, 0, 2, "", _sha(b"x\n")),
+    "y": ("reg", 0o644, 0, 0, 2, "", _sha(b"y\n")),
+    "dup": ("reg", 0o640, 0, 0, 7, "", _sha(b"second\n")),
+    "link": ("reg", 0o644, 0, 0, 6, "", _sha(b"hosts\n")),
+    "deep": ("dir", 0o755, 0, 0, 0, "", ""),
+    "deep/dir": ("dir", 0o755, 0, 0, 0, "", ""),
+    "deep/dir/f": ("reg", 0o644, 0, 0, 5, "", _sha(b"deep\n")),
+}
+
+
+def go_tool(name: str, outdir: Path) -> Path:
+    """Build the Go program ``tests/estargz/<name>/main.go`` against the reference sources."""
+    out = outdir / name
+    if not out.exists():
+        ensure_reference_tools()
+        env = {**os.environ, **GO_ENV}
+        proc = subprocess.run(["go", "build", "-o", str(out), str(GO_SOURCES / name / "main.go")],
+                              capture_output=True, text=True, env=env, timeout=300)
+        if proc.returncode != 0:
+            raise AssertionError(f"go build {name} failed: {proc.stderr}")
+    return out
+
+
+def reference_tree(blob: Path, reftree: Path) -> Tree:
+    """The tree the reference reader builds (Lookup("") and ForeachChild, bytes by OpenFile)."""
+    proc = subprocess.run([str(reftree), str(blob)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    tree: Tree = {}
+    for line in proc.stdout.splitlines():
+        n = json.loads(line)
+        assert n["path"] not in tree, f"reference lists {n['path']!r} twice"
+        tree[n["path"]] = (n["type"], n["mode"] & 0o7777, n["uid"], n["gid"], n["size"], n.get("link", ""),
+                           n.get("sha256", ""))
+    return tree
+
+
+def lazyd_tree(blob: Path) -> Tree:
+    """The tree lazyd's TOC builds (root, then children; hardlinks resolved), bytes by Reader.read."""
+    tree: Tree = {}
+    with open_file(blob) as reader:
+        def walk(path: str, e: TOCEntry) -> None:
+            assert path not in tree, f"lazyd lists {path!r} twice"
+            sha = _sha(reader.read(path)) if e.type == "reg" else ""
+            link = e.link_name if e.type == "symlink" else ""
+            tree[path] = (e.type, e.mode & 0o7777, e.uid, e.gid, e.size, link, sha)
+            for base, child in (e.children or {}).items():
+                walk(f"{path}/{base}" if path else base, child)
+
+        walk("", reader.toc.root)
+    return tree
+
+
+def unpacked_tree(blob: Path) -> Tree:
+    """The tree of the reference's ``estargz.Unpack`` stream (what a non-lazy pull applies),
+    read as tar semantics: names cleaned, later entries win, hardlinks copy their target.
+    Chunks are not verified here (estargz-verify's own check trips on the duplicate names the
+    reference's Writer keeps); callers verify the blob separately."""
+    proc = subprocess.run([str(ESTARGZ_VERIFY), "-no-chunk-verify", "-unpack", str(blob)], capture_output=True,
+                          timeout=120)
+    assert proc.returncode == 0 and b"RESULT: OK" in proc.stderr, proc.stderr
+    tree: Tree = {"": ("dir", 0o755, 0, 0, 0, "", "")}
+    with tarfile.open(fileobj=io.BytesIO(proc.stdout)) as tf:
+        for m in tf:
+            name = normalize_name(m.name)
+            parts = name.split("/") if name else []
+            for i in range(1, len(parts)):
+                tree.setdefault("/".join(parts[:i]), ("dir", 0o755, 0, 0, 0, "", ""))
+            kind = KINDS[m.type]
+            if kind == "hardlink":
+                tree[name] = tree[normalize_name(m.linkname)]
+                continue
+            data = tf.extractfile(m).read() if kind == "reg" else b""  # type: ignore[union-attr]
+            tree[name] = (kind, m.mode & 0o7777, m.uid, m.gid, len(data), m.linkname if kind == "symlink" else "",
+                          _sha(data) if kind == "reg" else "")
+    return tree
