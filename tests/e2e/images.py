@@ -190,3 +190,164 @@ def add_opaque_layer(layout: Path, tag: str) -> None:
         if desc.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag:
             desc.update(digest=mdigest, size=msize)
     (layout / "index.json").write_text(json.dumps(index))
+
+
+def reference_builder_with(*args: str) -> LayerBuilder:
+    """``reference_builder`` with extra ``estargz-build`` flags, e.g. ``("-chunk-size", "4096")``."""
+
+    def builder(tar: Path, out: Path) -> BuiltLayer:
+        proc = subprocess.run([REFERENCE_BUILD, "-json", *args, "-o", str(out), str(tar)], capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"estargz-build {' '.join(args)} {tar} failed: {proc.stderr}")
+        info = json.loads(proc.stdout)
+        size = 0
+        with gzip.open(out, "rb") as f:
+            while piece := f.read(1 << 20):
+                size += len(piece)
+        return BuiltLayer(out, info["blobDigest"], int(info["blobSize"]), info["diffID"], info["tocDigest"], size)
+
+    builder.__name__ = "reference_builder_" + "_".join(a.lstrip("-") for a in args)
+    return builder
+
+
+def add_layer(layout: Path, tag: str, raw_tar: bytes, created_by: str) -> None:
+    """Put the uncompressed tar ``raw_tar`` on top of ``layout:tag`` as a new gzip layer (config and index updated)."""
+    _, manifest = manifest_of(layout, tag)
+    config = json.loads(_blob(layout, manifest["config"]["digest"]).read_text())
+    ldigest, lsize = _put(layout, gzip.compress(raw_tar, mtime=0))
+    config["rootfs"]["diff_ids"].append("sha256:" + hashlib.sha256(raw_tar).hexdigest())
+    config.setdefault("history", []).append({"created": "2026-01-01T00:00:00Z", "created_by": created_by})
+    cdigest, csize = _put(layout, json.dumps(config, separators=(",", ":")).encode())
+    manifest["config"] = {**manifest["config"], "digest": cdigest, "size": csize}
+    manifest["layers"].append({"mediaType": OCI_LAYER_GZIP, "digest": ldigest, "size": lsize})
+    mdigest, msize = _put(layout, json.dumps(manifest, separators=(",", ":")).encode())
+    index = json.loads((layout / "index.json").read_text())
+    for desc in index["manifests"]:
+        if desc.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag:
+            desc.update(digest=mdigest, size=msize)
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+# Raw tar names of odd_names_tar() and where a reader must put them (Go's path.Clean("/"+name) minus "/").
+ODD_NAMES = {
+    "./": "",
+    "/": "",
+    "/abs/": "abs",
+    "/abs/file": "abs/file",
+    "a/": "a",
+    "a/../b": "b",
+    "../../x": "x",
+    "./dot/": "dot",
+    "./dot/f": "dot/f",
+    "c//": "c",
+    "c//d": "c/d",
+    "./lnk": "lnk",
+}
+
+
+def odd_names_tar() -> bytes:
+    """A hand-made layer whose names are ``./``, ``/``, absolute, ``a/../b``, ``../../x`` and ``c//d`` (ODD_NAMES).
+
+    Every name is written byte for byte as given (GNU format, so tarfile does not rewrite them);
+    ``lnk`` is a symlink to the absolute ``/abs/file``.
+    """
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for name in ODD_NAMES:
+            info = tarfile.TarInfo(name)
+            info.mtime, info.uid, info.gid = 1_700_000_000, 0, 0
+            if name == "./lnk":
+                info.type, info.linkname, info.mode = tarfile.SYMTYPE, "/abs/file", 0o777
+                tf.addfile(info)
+            elif name.endswith("/"):
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tf.addfile(info)
+            else:
+                data = f"content of {name}\n".encode()
+                info.type, info.mode, info.size = tarfile.REGTYPE, 0o644, len(data)
+                tf.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as check:
+        written = [m.name + ("/" if m.isdir() and m.name not in ("", "/") else "") for m in check.getmembers()]
+    if len(written) != len(ODD_NAMES):
+        raise RuntimeError(f"odd_names_tar wrote {written}, not {list(ODD_NAMES)}")
+    return raw
+
+
+def layer_names(layout: Path, tag: str) -> list[list[str]]:
+    """The raw tar names of each layer of ``layout:tag`` (bottom first), read from the gzip blobs."""
+    import tarfile
+
+    _, manifest = manifest_of(layout, tag)
+    out = []
+    for layer in manifest["layers"]:
+        with tarfile.open(_blob(layout, layer["digest"]), "r|gz") as tf:
+            out.append([m.name for m in tf])
+    return out
+
+
+def with_parent_dirs(src: Path, tag: str, dst: Path) -> str:
+    """Copy ``src:tag`` to the OCI layout ``dst`` with every layer carrying its entries' parent directories.
+
+    umoci leaves unchanged parents out of upper layers (``bin/.wh.vi`` without ``bin/``), which
+    ``ctr-remote image optimize`` rejects (``file: "bin": not found``). A missing parent is
+    inserted before its first child with the owner, mode and mtime it has in the layers below,
+    so the image's root filesystem stays the same. Returns ``oci:DST:TAG``.
+    """
+    import io
+    import tarfile
+
+    shutil.copytree(src, dst)
+    _, manifest = manifest_of(dst, tag)
+    config = json.loads(_blob(dst, manifest["config"]["digest"]).read_text())
+    below: dict[str, tarfile.TarInfo] = {}  # directories of the layers below, by clean name
+    new_layers, diff_ids = [], []
+
+    def clean(name: str) -> str:
+        return "/".join(p for p in name.split("/") if p not in ("", "."))
+
+    for layer in manifest["layers"]:
+        with tarfile.open(_blob(src, layer["digest"]), "r:gz") as tf:
+            members = [(m, tf.extractfile(m).read() if m.isreg() else None) for m in tf]  # type: ignore[union-attr]
+        buf = io.BytesIO()
+        present: set[str] = set()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as out:
+            for m, data in members:
+                parts = clean(m.name).split("/")
+                for i in range(1, len(parts)):
+                    parent = "/".join(parts[:i])
+                    if parent in present:
+                        continue
+                    if parent not in below:
+                        raise RuntimeError(f"{m.name}: parent {parent} is in no layer of {src}:{tag}")
+                    copy_dir = below[parent]
+                    info = tarfile.TarInfo(parent + "/")
+                    info.type, info.mode, info.uid, info.gid = tarfile.DIRTYPE, copy_dir.mode, copy_dir.uid, copy_dir.gid
+                    info.mtime, info.uname, info.gname = copy_dir.mtime, copy_dir.uname, copy_dir.gname
+                    info.pax_headers = {k: v for k, v in copy_dir.pax_headers.items() if k.startswith("SCHILY.xattr.")}
+                    out.addfile(info)
+                    present.add(parent)
+                out.addfile(m, io.BytesIO(data) if data is not None else None)
+                if clean(m.name):
+                    present.add(clean(m.name))
+                if m.isdir():
+                    below[clean(m.name)] = m
+        raw = buf.getvalue()
+        ldigest, lsize = _put(dst, gzip.compress(raw, compresslevel=6, mtime=0))
+        new_layers.append({"mediaType": OCI_LAYER_GZIP, "digest": ldigest, "size": lsize})
+        diff_ids.append("sha256:" + hashlib.sha256(raw).hexdigest())
+    config["rootfs"]["diff_ids"] = diff_ids
+    cdigest, csize = _put(dst, json.dumps(config, separators=(",", ":")).encode())
+    manifest["config"] = {**manifest["config"], "digest": cdigest, "size": csize}
+    manifest["layers"] = new_layers
+    mdigest, msize = _put(dst, json.dumps(manifest, separators=(",", ":")).encode())
+    index = json.loads((dst / "index.json").read_text())
+    for desc in index["manifests"]:
+        if desc.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag:
+            desc.update(digest=mdigest, size=msize)
+    (dst / "index.json").write_text(json.dumps(index))
+    return f"oci:{dst}:{tag}"

@@ -41,7 +41,7 @@ def _toml_str(value: str | Path) -> str:
 
 
 def _config(root: Path, state: Path, grpc: Path, ttrpc: Path, snapshotter_address: str | None, cri: bool,
-            cri_snapshotter: str, cni_dir: Path) -> str:
+            cri_snapshotter: str, cni_dir: Path, proxy_name: str = PROXY_NAME) -> str:
     disabled = list(DISABLED_PLUGINS)
     if not cri:
         disabled.append("io.containerd.grpc.v1.cri")
@@ -59,7 +59,7 @@ def _config(root: Path, state: Path, grpc: Path, ttrpc: Path, snapshotter_addres
     ]
     if snapshotter_address is not None:
         lines += [
-            f"[proxy_plugins.{PROXY_NAME}]",
+            f"[proxy_plugins.{proxy_name}]",
             '  type = "snapshot"',
             f"  address = {_toml_str(snapshotter_address)}",
         ]
@@ -160,10 +160,11 @@ def start_containerd(
     cri: bool = False,
     cri_snapshotter: str | None = None,
     timeout: float = 30.0,
+    proxy_name: str = PROXY_NAME,
 ) -> Containerd:
     """Start containerd with a generated config under ``workdir`` and wait until its socket answers.
 
-    ``snapshotter_address`` registers the proxy snapshotter ``lazyd`` at that socket;
+    ``snapshotter_address`` registers the proxy snapshotter ``proxy_name`` (default ``lazyd``) at that socket;
     ``cri`` enables the CRI plugin with ``cri_snapshotter`` (default ``lazyd`` when a
     proxy is configured, else ``overlayfs``).
     """
@@ -179,9 +180,10 @@ def start_containerd(
         sock_base = socket_dir
     grpc, ttrpc = sock_base / "containerd.sock", sock_base / "containerd.sock.ttrpc"
     if cri_snapshotter is None:
-        cri_snapshotter = PROXY_NAME if snapshotter_address else "overlayfs"
+        cri_snapshotter = proxy_name if snapshotter_address else "overlayfs"
     config_path = workdir / "config.toml"
-    config_path.write_text(_config(root, state, grpc, ttrpc, snapshotter_address, cri, cri_snapshotter, cni))
+    config_path.write_text(_config(root, state, grpc, ttrpc, snapshotter_address, cri, cri_snapshotter, cni,
+                                   proxy_name))
     proc = Proc([CONTAINERD_BIN, "--config", str(config_path)], workdir / "containerd.log",
                 env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")})
     cd = Containerd(workdir=workdir, root=root, state=state, address=str(grpc), ttrpc_address=str(ttrpc),

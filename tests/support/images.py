@@ -195,3 +195,69 @@ def layer_tars(layout: Path, tag: str, out: Path) -> list[Path]:
             shutil.copyfileobj(src, f, 1 << 20)
         tars.append(dst)
     return tars
+
+
+_DEBIAN_INSERT_VERSION = "v1"  # bump to rebuild the cached debian-python-insert image
+
+
+def debian_python_insert_layout() -> Path:
+    """debian+python3 whose base layer is written by ``umoci insert ROOTFS /`` (tag ``latest``), cached.
+
+    Same two layers as ``debian_python_layout()`` (the debootstrap rootfs, then the python3
+    layer, reused as is), but ``umoci insert`` names the base layer's root directory ``/``
+    instead of ``.``: the entry that the reference's converter keeps in its TOC as ``/``.
+    """
+    import gzip
+    import hashlib
+    import json
+
+    src = debian_python_layout()
+    layout = CACHE / f"debian-python-insert-{_DEBIAN_INSERT_VERSION}"
+    with _locked(CACHE / f"debian-python-insert-{_DEBIAN_INSERT_VERSION}.lock"):
+        if (layout / ".complete").exists():
+            return layout
+        shutil.rmtree(layout, ignore_errors=True)
+        rootfs = CACHE / "bookworm-minbase"  # left complete by debian_python_layout()
+        run("umoci", "init", "--layout", layout)
+        run("umoci", "new", "--image", f"{layout}:latest")
+        run("umoci", "insert", "--image", f"{layout}:latest", rootfs, "/")
+        run("umoci", "config", "--image", f"{layout}:latest", "--config.cmd", "/usr/bin/python3")
+
+        def blob(root: Path, digest: str) -> Path:
+            algo, hexd = digest.split(":", 1)
+            return root / "blobs" / algo / hexd
+
+        def put(data: bytes) -> tuple[str, int]:
+            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            blob(layout, digest).write_bytes(data)
+            return digest, len(data)
+
+        def manifest(root: Path) -> tuple[dict, dict]:
+            index = json.loads((root / "index.json").read_text())
+            desc = next(m for m in index["manifests"]
+                        if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == "latest")
+            return index, json.loads(blob(root, desc["digest"]).read_text())
+
+        _, src_manifest = manifest(src)
+        python_layer = src_manifest["layers"][1]
+        shutil.copyfile(blob(src, python_layer["digest"]), blob(layout, python_layer["digest"]))
+        h = hashlib.sha256()
+        with gzip.open(blob(src, python_layer["digest"]), "rb") as f:
+            while piece := f.read(1 << 20):
+                h.update(piece)
+        index, man = manifest(layout)
+        config = json.loads(blob(layout, man["config"]["digest"]).read_text())
+        config["rootfs"]["diff_ids"].append("sha256:" + h.hexdigest())
+        config.setdefault("history", []).append({"created": "2026-01-01T00:00:00Z",
+                                                 "created_by": "apt-get install python3 (from debian-python)"})
+        cdigest, csize = put(json.dumps(config, separators=(",", ":")).encode())
+        man["config"] = {**man["config"], "digest": cdigest, "size": csize}
+        man["layers"].append({k: v for k, v in python_layer.items() if k != "annotations"})
+        mdigest, msize = put(json.dumps(man, separators=(",", ":")).encode())
+        for desc in index["manifests"]:
+            if desc.get("annotations", {}).get("org.opencontainers.image.ref.name") == "latest":
+                desc.update(digest=mdigest, size=msize)
+        (layout / "index.json").write_text(json.dumps(index))
+        run("umoci", "gc", "--layout", layout)
+        (layout / ".complete").touch()
+        return layout
