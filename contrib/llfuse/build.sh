@@ -2,28 +2,63 @@
 # Builds and installs llfuse 1.5.2 with lazyd's readino patch (see readino.patch):
 # read() gets the inode when the kernel sends no file handle, so lazyd can run
 # FUSE in "no_open" mode (no OPEN/RELEASE round trip per open()).
-# Usage: contrib/llfuse/build.sh [PYTHON]   (default python3).  Skips the build
-# when the patched version is already installed.  Needs libfuse-dev, pkg-config
-# and a C compiler; takes about 30 s.
+#
+# Usage: contrib/llfuse/build.sh PYTHON
+#   PYTHON is the interpreter to install into (scripts/setup passes the lazyd
+#   venv's).  It must have pip, setuptools and wheel: the build runs with
+#   --no-build-isolation so that it uses exactly those.
+# The sdist is checked against the sha256 in llfuse.sha256 before it is unpacked.
+# Skips the build when the patched version is already installed.  Needs
+# libfuse-dev, pkg-config, a C compiler and the Python headers; takes about 20 s.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-py="${1:-python3}"
+if [ $# -ne 1 ]; then
+  echo "usage: $0 PYTHON" >&2
+  exit 2
+fi
+py=$1
 want="1.5.2+lazyd.readino"
-have=$("$py" -c 'import llfuse; print(llfuse.__version__)' 2>/dev/null || true)
+sdist="llfuse-1.5.2.tar.gz"
+
+# The installed llfuse version, or nothing when llfuse is not installed.
+installed_version() {
+  "$py" - <<'PY'
+from importlib import metadata
+try:
+    print(metadata.version("llfuse"))
+except metadata.PackageNotFoundError:
+    print("")
+PY
+}
+
+have=$(installed_version)
 if [ "$have" = "$want" ]; then
+  # Installed: prove it loads (libfuse present, built for this interpreter).
+  "$py" -c 'import llfuse'
   exit 0
 fi
+for mod in setuptools wheel; do
+  if ! "$py" -c "import $mod"; then
+    echo "$0: $py has no '$mod' module; the build needs it (scripts/setup installs it)" >&2
+    exit 1
+  fi
+done
+
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+# pip checks the download against the pinned hash (--require-hashes); sha256sum
+# checks it again so that an unexpected file in the directory cannot slip through.
+printf 'llfuse==1.5.2 --hash=sha256:%s\n' "$(cut -d' ' -f1 "$here/llfuse.sha256")" > "$work/requirements.txt"
 "$py" -m pip download -q --disable-pip-version-check --no-binary :all: --no-deps \
-  -d "$work" "llfuse==1.5.2" 2>&1 | grep -v "^WARNING: Location" >&2 || true
-tar xzf "$work"/llfuse-1.5.2.tar.gz -C "$work"
-(cd "$work/llfuse-1.5.2" && patch -s -p1 < "$here/readino.patch")
-"$py" -m pip install -q --disable-pip-version-check --root-user-action=ignore \
-  --no-build-isolation "$work/llfuse-1.5.2" 2>&1 | grep -v "^WARNING: Location" >&2 || true
+  --require-hashes -r "$work/requirements.txt" -d "$work/dl"
+(cd "$work/dl" && sha256sum --quiet --strict -c "$here/llfuse.sha256")
+tar xzf "$work/dl/$sdist" -C "$work"
+(cd "$work/llfuse-1.5.2" && patch -s -p1 --forward < "$here/readino.patch")
+"$py" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps \
+  "$work/llfuse-1.5.2"
 got=$("$py" -c 'import llfuse; print(llfuse.__version__)')
 if [ "$got" != "$want" ]; then
-  echo "contrib/llfuse/build.sh: installed llfuse is $got, expected $want" >&2
+  echo "$0: installed llfuse is $got, expected $want" >&2
   exit 1
 fi
-echo "llfuse: built and installed $want"
+echo "llfuse: built and installed $want into $("$py" -c 'import sys; print(sys.prefix)')"
