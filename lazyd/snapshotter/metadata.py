@@ -57,7 +57,8 @@ class InvalidArgumentError(MetadataError):
 
 
 class FailedPreconditionError(MetadataError):
-    """The snapshot is in use (it has children)."""
+    """The snapshot's state forbids the request: it has children, is not active (Commit), or is
+    committed (Mounts); containerd's storage answers these with ErrFailedPrecondition too."""
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,7 @@ class MetaStore:
         with self._lock:
             info = self._require(key)
             if info.kind == Kind.COMMITTED:
-                raise InvalidArgumentError(f"snapshot {key!r} is committed; only active and view snapshots have mounts")
+                raise FailedPreconditionError(f"snapshot {key!r} is committed; only active and view snapshots have mounts")
             return Snapshot(id=info.id, kind=info.kind, parent_ids=self._parent_ids(info.parent))
 
     def parents(self, key: str) -> list[Info]:
@@ -208,7 +209,7 @@ class MetaStore:
         with self._lock, self._tx():
             info = self._require(key)
             if info.kind != Kind.ACTIVE:
-                raise InvalidArgumentError(f"snapshot {key!r} is {info.kind.name.lower()}, only active ones can be committed")
+                raise FailedPreconditionError(f"snapshot {key!r} is {info.kind.name.lower()}, only active ones can be committed")
             if self._row(name) is not None:
                 raise AlreadyExistsError(f"snapshot {name!r} already exists")
             now = _now_ns()

@@ -129,8 +129,9 @@ def test_error_codes(stub: SnapshotsStub) -> None:
     commit(stub, "c", "a")
     prepare(stub, "a2")
     assert code_of(commit, stub, "c", "a2") == grpc.StatusCode.ALREADY_EXISTS
-    assert code_of(commit, stub, "c2", "c") == grpc.StatusCode.INVALID_ARGUMENT  # not active
-    assert code_of(stub.Mounts, pb.MountsRequest(snapshotter=SN, key="c")) == grpc.StatusCode.INVALID_ARGUMENT
+    # not active / committed: FAILED_PRECONDITION, as containerd's storage.CommitActive and GetSnapshot answer
+    assert code_of(commit, stub, "c2", "c") == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(stub.Mounts, pb.MountsRequest(snapshotter=SN, key="c")) == grpc.StatusCode.FAILED_PRECONDITION
     prepare(stub, "child", "c")
     assert code_of(stub.Remove, pb.RemoveSnapshotRequest(snapshotter=SN, key="c")) == grpc.StatusCode.FAILED_PRECONDITION
     upd = pb.UpdateSnapshotRequest(snapshotter=SN, info=pb.Info(name="c", parent="x"),
