@@ -29,11 +29,12 @@ FETCH_FAILED = "fetch_failed"
 TIMEOUT = "timeout"
 UNAVAILABLE = "unavailable"
 INTERNAL = "internal"
+PULL_FAILED = "pull_failed"
 
 ERROR_CODES = frozenset(
     {
         INVALID_REQUEST, UNKNOWN_OP, NOT_FOUND, ALREADY_EXISTS, NOT_ESTARGZ, UNAUTHORIZED,
-        UNREACHABLE, DIGEST_MISMATCH, FETCH_FAILED, TIMEOUT, UNAVAILABLE, INTERNAL,
+        UNREACHABLE, DIGEST_MISMATCH, FETCH_FAILED, TIMEOUT, UNAVAILABLE, INTERNAL, PULL_FAILED,
     }
 )
 
@@ -511,6 +512,77 @@ class ResolveResult(Message):
     index: bytes = _f(b"")
 
 
+_NAME = {"pattern": re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$"), "what": "name", "max_len": 256}
+
+
+@dataclass(frozen=True)
+class PullArgs(Message):
+    """``pull``: pull ``ref`` into containerd as ``lazyctl rpull`` does, inside lazyd.
+
+    lazyd resolves the image, writes index, manifest and config into containerd's content
+    store (at ``address``, in ``namespace``) and builds the snapshot chain through
+    ``snapshotter`` with the remote-snapshot labels; layers the snapshotter does not mount
+    lazily are downloaded and applied in full.  ``plain_http`` and ``hosts_dir`` apply to
+    those downloads (as rpull's flags did when it fetched them itself).  A client that
+    wants progress names the pull with ``pull_id`` and polls ``pull_progress``.
+    """
+
+    ref: str = _f(max_len=MAX_REF)
+    address: str = _f(**_PATH)
+    namespace: str = _f(**{**_NAME, "max_len": 76})
+    snapshotter: str = _f(**_NAME)
+    plain_http: bool = False
+    hosts_dir: str | None = _f(None, **_PATH)
+    pull_id: str | None = _f(None, pattern=MOUNT_ID_RE, what="pull id")
+
+
+@dataclass(frozen=True)
+class PulledLayer(Message):
+    """One layer of a ``pull``: ``mode`` is ``lazy`` (remote snapshot), ``full`` (downloaded
+    and applied; ``reason`` says why) or ``present`` (the snapshot existed)."""
+
+    index: int
+    digest: str
+    size: int
+    chain_id: str
+    mode: str
+    reason: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class PullResult(Message):
+    """The image as stored: its record ``image`` points at ``target_digest`` (the index, or
+    else the manifest); ``bytes_fetched`` counts the layer bytes downloaded in full."""
+
+    image: str
+    target_digest: str
+    manifest_digest: str
+    config_digest: str
+    snapshotter: str
+    chain_id: str
+    layers: list[PulledLayer] = _f([])
+    bytes_fetched: int = 0
+    seconds: float = 0.0
+    resolved_by: str = "lazyd"
+
+
+@dataclass(frozen=True)
+class PullProgressArgs(Message):
+    pull_id: str = _f(pattern=MOUNT_ID_RE, what="pull id")
+
+
+@dataclass(frozen=True)
+class PullProgressResult(Message):
+    """``pull_progress``: how far the ``pull`` named ``pull_id`` is.  ``bytes`` grows by a
+    layer's size when it is done lazily and by the bytes downloaded of a layer pulled in full."""
+
+    description: str
+    layers: int
+    layers_done: int
+    bytes: int
+
+
 OPS: dict[str, tuple[type[Message], type[Message]]] = {
     "fetch": (FetchArgs, Empty),
     "mount": (MountArgs, MountResult),
@@ -521,6 +593,8 @@ OPS: dict[str, tuple[type[Message], type[Message]]] = {
     "cache": (CacheArgs, CacheStats),
     "fallback": (FallbackArgs, Empty),
     "resolve": (ResolveArgs, ResolveResult),
+    "pull": (PullArgs, PullResult),
+    "pull_progress": (PullProgressArgs, PullProgressResult),
     "shutdown": (Empty, Empty),
 }
 """Main-socket ops: name -> (args class, result class)."""

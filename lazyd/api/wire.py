@@ -7,17 +7,20 @@ msgpack map.  A request is ``{"id": int, "op": str, "args": map}``; a reply is
 Replies may arrive out of order, so one connection can carry many requests.
 
 This module only frames and unframes; the message schemas live in
-``lazyd.api.messages``.
+``lazyd.api.messages``.  It imports nothing but msgpack at load time (asyncio only when
+an async function runs), so a short-lived client such as ``lazyctl rpull`` starts fast.
 """
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
+
+if TYPE_CHECKING:
+    import asyncio
 
 MAX_FRAME = 16 * 1024 * 1024
 """Largest frame either side accepts; a bigger length prefix is a protocol error."""
@@ -59,6 +62,8 @@ def _check_length(length: int) -> None:
 
 async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any] | None:
     """Read one message; ``None`` on a clean end of stream between frames."""
+    import asyncio
+
     try:
         header = await reader.readexactly(_HEADER.size)
     except asyncio.IncompleteReadError as exc:

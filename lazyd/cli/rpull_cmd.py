@@ -1,4 +1,10 @@
-"""``lazyctl rpull``: pull an image into containerd with lazily mounted (remote) snapshots."""
+"""``lazyctl rpull``: pull an image into containerd with lazily mounted (remote) snapshots.
+
+When lazyd runs, it does the pull (the ``pull`` op) and this process only sends the
+request and prints the answer, so it imports msgpack and the framing module, not gRPC,
+protobuf or an HTTP client.  Otherwise (or with a lazyd that predates the op) the pull
+runs here, with ``lazyd.containerd.pull.RemotePuller``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ import dataclasses
 import os
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lazyd.cli.lazyctl import DEFAULT_SOCKET
 from lazyd.cli.output import fail, human_bytes, print_json, print_table, progress
@@ -49,6 +55,69 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
                help="lazyd's socket: it resolves REF and says why a layer was not mounted lazily")
     add_global(p, "json", default=False, help="print the result as JSON")
     p.set_defaults(func=run)
+
+
+class _LazydRefused(Exception):
+    """lazyd answered the ``pull`` with an error (the message is lazyd's)."""
+
+
+def _pull_in_lazyd(args: argparse.Namespace, bar: "Progress", show: bool) -> dict[str, Any] | None:
+    """Have lazyd run the pull (the ``pull`` op); None when lazyd is not running or predates the op.
+
+    Only msgpack and the framing module are imported: lazyd holds the registry client,
+    the layer table and the gRPC channel to containerd, so this process stays small.
+    """
+    import select
+    import socket
+
+    from lazyd.api import wire
+
+    if not os.path.exists(args.socket):
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(args.socket)
+    except OSError:
+        sock.close()
+        return None  # a stale socket: lazyd is not running
+    pull_id = f"rpull-{os.getpid()}-{time.monotonic_ns()}" if show else None
+    request = {"ref": args.ref, "address": os.path.abspath(args.address), "namespace": args.namespace,
+               "snapshotter": args.snapshotter, "plain_http": bool(args.plain_http)}
+    if args.hosts_dir:
+        request["hosts_dir"] = os.path.abspath(args.hosts_dir)
+    if pull_id:
+        request["pull_id"] = pull_id
+    shown = 0
+    asked = False
+    next_id = 2
+    try:
+        wire.send_frame(sock, {"id": 1, "op": "pull", "args": request})
+        while True:
+            if pull_id and not asked and not select.select([sock], [], [], 0.1)[0]:
+                wire.send_frame(sock, {"id": next_id, "op": "pull_progress", "args": {"pull_id": pull_id}})
+                next_id += 1
+                asked = True
+                continue
+            reply = wire.recv_frame(sock)
+            if reply.get("id") == 1:
+                break
+            asked = False
+            status = reply.get("result") if reply.get("ok") else None
+            if isinstance(status, dict):
+                bar.set_description(str(status.get("description", "")))
+                done = int(status.get("bytes", 0))
+                bar.update(max(0, done - shown))
+                shown = max(shown, done)
+    except (OSError, EOFError, wire.ProtocolError) as exc:
+        raise _LazydRefused(f"lost lazyd's connection during the pull ({exc}); see lazyd's log") from None
+    finally:
+        sock.close()
+    if reply.get("ok") is True and isinstance(reply.get("result"), dict):
+        return reply["result"]
+    error = reply.get("error") if isinstance(reply.get("error"), dict) else {}
+    if error.get("code") == "unknown_op":
+        return None  # an older lazyd: rpull does the work and asks it to resolve
+    raise _LazydRefused(str(error.get("message") or f"malformed reply from lazyd: {str(reply)[:200]}"))
 
 
 class _BarObserver:
@@ -120,7 +189,8 @@ async def _pull(args: argparse.Namespace, observer: _BarObserver) -> "PullResult
         return result
 
 
-def run(args: argparse.Namespace) -> int:
+def _pull_here(args: argparse.Namespace, bar: "Progress") -> dict[str, Any]:
+    """Run the pull in this process (lazyd is not running, or too old for the ``pull`` op)."""
     import asyncio
 
     from lazyd.containerd.errors import ContainerdError
@@ -128,25 +198,38 @@ def run(args: argparse.Namespace) -> int:
     from lazyd.containerd.source import ResolveError
     from lazyd.registry.errors import RegistryError
 
-    started = time.monotonic()
     try:
-        with progress(None, "resolving", enabled=not args.json) as bar:
-            result = asyncio.run(_pull(args, _BarObserver(bar)))
+        return asyncio.run(_pull(args, _BarObserver(bar))).to_json()
     except (PullError, ContainerdError, RegistryError, ResolveError) as err:
+        raise _LazydRefused(str(err)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    show = not args.json and sys.stderr.isatty()
+    try:
+        with progress(None, "resolving", enabled=show) as bar:
+            result = _pull_in_lazyd(args, bar, show)
+            pulled_by = "lazyd"
+            if result is None:
+                result, pulled_by = _pull_here(args, bar), "lazyctl"
+    except _LazydRefused as err:
         return fail(f"rpull {args.ref}: {err}")
+    except KeyboardInterrupt:
+        return fail(f"rpull {args.ref}: interrupted", 130)
+    result["pulled_by"] = pulled_by
     if args.json:
-        print_json(result.to_json())
+        print_json(result)
         return 0
-    rows = [
-        [layer.index, layer.digest[:19], human_bytes(layer.size), layer.mode, f"{layer.seconds:.2f}s", layer.reason or ""]
-        for layer in result.layers
-    ]
+    layers = result["layers"]
+    rows = [[la["index"], la["digest"][:19], human_bytes(la["size"]), la["mode"], f"{la['seconds']:.2f}s",
+             la["reason"] or ""] for la in layers]
     print_table(["#", "LAYER", "SIZE", "MODE", "TIME", "WHY IN FULL"], rows)
-    lazy = sum(1 for layer in result.layers if layer.mode == "lazy")
-    full = len(result.full_layers)
-    print(f"pulled {result.image} ({result.target_digest[:19]}) with snapshotter {result.snapshotter} "
-          f"in {time.monotonic() - started:.2f}s: {lazy} lazy, {full} in full, "
-          f"{human_bytes(result.bytes_fetched)} of layers downloaded")
-    for layer in result.full_layers:
-        print(f"layer {layer.index} {layer.digest} pulled in full: {layer.reason}", file=sys.stderr)
+    lazy = sum(1 for la in layers if la["mode"] == "lazy")
+    full = [la for la in layers if la["mode"] == "full"]
+    print(f"pulled {result['image']} ({result['target_digest'][:19]}) with snapshotter {result['snapshotter']} "
+          f"in {time.monotonic() - started:.2f}s: {lazy} lazy, {len(full)} in full, "
+          f"{human_bytes(result['bytes_fetched'])} of layers downloaded")
+    for la in full:
+        print(f"layer {la['index']} {la['digest']} pulled in full: {la['reason']}", file=sys.stderr)
     return 0

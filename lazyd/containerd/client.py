@@ -24,10 +24,10 @@ from lazyd.registry.types import Descriptor  # the one OCI descriptor type, shar
 
 from . import DEFAULT_ADDRESS, DEFAULT_NAMESPACE
 from . import _proto as pb
-from .errors import AlreadyExistsError, ContainerdError, NotFoundError, from_rpc
+from .errors import AlreadyExistsError, ContainerdError, ContainerdUnavailableError, NotFoundError, from_rpc
 
 __all__ = ["DEFAULT_ADDRESS", "DEFAULT_NAMESPACE", "ContainerdClient", "ContentInfo", "Descriptor", "ImageRecord",
-           "IngestStatus", "Mount", "SnapshotInfo", "WRITE_CHUNK"]
+           "IngestStatus", "Mount", "SnapshotInfo", "WRITE_CHUNK", "open_channel"]
 
 WRITE_CHUNK = 1 << 20  # containerd's own client copies in 1 MiB pieces
 
@@ -91,26 +91,35 @@ class IngestStatus:
 _KINDS = {0: "unknown", 1: "view", 2: "active", 3: "committed"}
 
 
+def open_channel(address: str) -> grpc.aio.Channel:
+    """A gRPC channel to containerd's socket at ``address`` (it connects on first use)."""
+    return grpc.aio.insecure_channel(
+        f"unix://{address}",
+        options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)],
+    )
+
+
 class ContainerdClient:
     """One channel to containerd's socket; use ``async with``.
 
     ``lease_id`` (set by ``lease()``) is sent with every call while it is active.
     """
 
-    def __init__(self, address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE, timeout: float = 60.0) -> None:
+    def __init__(self, address: str = DEFAULT_ADDRESS, namespace: str = DEFAULT_NAMESPACE, timeout: float = 60.0,
+                 channel: grpc.aio.Channel | None = None) -> None:
+        """``channel`` (from :func:`open_channel`) is shared: the client then uses it and leaves it open."""
         self.address = address
         self.namespace = namespace
         self.timeout = timeout
         self.lease_id: str | None = None
+        self._shared = channel
         self._channel: grpc.aio.Channel | None = None
 
     async def __aenter__(self) -> "ContainerdClient":
         if not Path(self.address).exists():
-            raise ContainerdError(f"containerd socket {self.address} does not exist (is containerd running?)")
-        self._channel = grpc.aio.insecure_channel(
-            f"unix://{self.address}",
-            options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.max_send_message_length", 16 << 20)],
-        )
+            raise ContainerdUnavailableError(
+                f"containerd socket {self.address} does not exist (is containerd running?)")
+        self._channel = self._shared or open_channel(self.address)
         self._content = pb.content_grpc.ContentStub(self._channel)
         self._images = pb.images_grpc.ImagesStub(self._channel)
         self._leases = pb.leases_grpc.LeasesStub(self._channel)
@@ -119,9 +128,9 @@ class ContainerdClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._channel is not None:
+        if self._channel is not None and self._channel is not self._shared:
             await self._channel.close()
-            self._channel = None
+        self._channel = None
 
     def _md(self) -> tuple[tuple[str, str], ...]:
         md = [("containerd-namespace", self.namespace)]

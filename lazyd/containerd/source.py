@@ -6,10 +6,13 @@ connections, so rpull needs no HTTP client of its own for a lazy pull.  Layers t
 must be pulled in full are downloaded with a registry client opened on first use.
 When lazyd cannot resolve (it is not running, or predates the op), the source
 resolves with that registry client instead and says so in ``resolved_by``.
+
+``DaemonSource`` is the source of the ``pull`` op, which runs the whole pull inside lazyd.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -21,6 +24,8 @@ from lazyd.registry.reference import Reference
 from lazyd.registry.types import Image
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from lazyd.registry import RegistryClient
     from lazyd.registry.client import ProgressFn
 
@@ -84,3 +89,62 @@ class LazydSource:
                          progress: ProgressFn | None = None) -> int:
         """Download a whole blob (a layer pulled in full) with the registry client."""
         return await self._client().fetch_blob(ref, digest, path, progress=progress)
+
+
+class DaemonSource:
+    """Images resolved by lazyd's own registry client, for the ``pull`` op run inside lazyd.
+
+    ``on_resolved`` sees every resolved image (lazyd remembers it and starts opening its
+    eStargz layers before the snapshotter asks for them).  Whole blobs (layers pulled in
+    full) come from the same client, or, when the pull asked for plain HTTP or a hosts
+    directory the daemon's configuration lacks, from a client with those added.
+    """
+
+    def __init__(self, registry: RegistryClient, registry_config: RegistryConfig,
+                 on_resolved: Callable[[Image], None], plain_http: bool = False, hosts_dir: str | None = None) -> None:
+        self.registry = registry
+        self.registry_config = registry_config
+        self.on_resolved = on_resolved
+        self.plain_http = plain_http
+        self.hosts_dir = hosts_dir
+        self.resolved_by = "lazyd"
+        self._own: RegistryClient | None = None
+
+    async def __aenter__(self) -> DaemonSource:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._own is not None:
+            await self._own.close()
+            self._own = None
+
+    async def resolve(self, ref: Reference) -> Image:
+        """The image from the daemon's registry client; ``ResolveError`` names what failed."""
+        from lazyd.registry.errors import RegistryError
+
+        try:
+            image = await self.registry.resolve(ref)
+        except RegistryError as exc:
+            raise ResolveError(f"lazyd could not resolve {ref}: {exc}") from exc
+        self.on_resolved(image)
+        return image
+
+    def _blob_client(self, ref: Reference) -> RegistryClient:
+        cfg = self.registry_config
+        if self.plain_http and ref.registry not in cfg.plain_http:
+            cfg = dataclasses.replace(cfg, plain_http=[*cfg.plain_http, ref.registry])
+        if self.hosts_dir and self.hosts_dir != cfg.hosts_dir:
+            cfg = dataclasses.replace(cfg, hosts_dir=self.hosts_dir)
+        if cfg is self.registry_config:
+            return self.registry
+        if self._own is None:
+            from lazyd.registry import RegistryClient
+
+            self._own = RegistryClient(cfg)
+        return self._own
+
+    async def fetch_blob(self, ref: Reference, digest: str, path: str | os.PathLike[str],
+                         progress: ProgressFn | None = None) -> int:
+        """Download a whole blob (a layer pulled in full)."""
+        return await self._blob_client(ref).fetch_blob(ref, digest, path, progress=progress)

@@ -9,6 +9,7 @@ clean stop that unmounts everything and stops the workers.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
 import os
@@ -39,6 +40,10 @@ from lazyd.api.messages import (
     MountInfo,
     MountResult,
     MountsResult,
+    PullArgs,
+    PullProgressArgs,
+    PullProgressResult,
+    PullResult,
     ResolveArgs,
     ResolveResult,
     StatusResult,
@@ -110,6 +115,8 @@ class Daemon:
         self._mount_lock = asyncio.Lock()
         self._claimed: set[str] = set()  # mountpoints with a mount in progress
         self._restored = asyncio.Event()  # set once workers are up and mounts restored
+        self._pulls: Any = None  # lazyd.containerd.service.PullService, made by the first ``pull``
+        self._pull_imports: asyncio.Task[Any] | None = None
         self.store: ChunkStore
         self.registry: RegistryClient
         self.layers: LayerTable
@@ -127,7 +134,9 @@ class Daemon:
         self.store = ChunkStore(self.root / "cache", cfg.cache_size)
         self.registry = RegistryClient(cfg.registry)
         self.layers = LayerTable(self.root, self.registry)
-        self.scheduler = Scheduler(self.registry, self.store, cfg.max_concurrent_requests, cfg.max_range_size)
+        self.scheduler = Scheduler(self.registry, self.store, cfg.max_concurrent_requests, cfg.max_range_size,
+                                   window_min=cfg.demand_window_min, window_max=cfg.demand_window_max,
+                                   background_share=cfg.background_share, quiet=cfg.background_delay)
         self.server = Server(cfg.socket, self._ops())
         await self.server.start()
         log.info("lazyd %s serving %s (root %s)", VERSION, cfg.socket, self.root)
@@ -145,6 +154,9 @@ class Daemon:
                 return 1
             await self._restore_mounts(adopted)
             self._restored.set()
+            # gRPC + protobuf for the ``pull`` op: imported now, off the loop, not by the first pull.
+            self._pull_imports = asyncio.create_task(
+                asyncio.to_thread(importlib.import_module, "lazyd.containerd.service"))
             saver = asyncio.create_task(self._save_counters_every(COUNTERS_SAVE_INTERVAL))
             try:
                 await self._stop.wait()
@@ -172,6 +184,8 @@ class Daemon:
             await self.supervisor.detach()
             log.info("stopping without unmounting: %d mount(s) stay served by the workers", len(self.mounts))
         await self.server.close()
+        if self._pulls is not None:
+            await self._pulls.close()
         await self.registry.close()
         self.store.close()
 
@@ -312,6 +326,8 @@ class Daemon:
             "cache": (CacheArgs, self._after_restore(self.op_cache)),
             "fallback": (FallbackArgs, self.op_fallback),
             "resolve": (ResolveArgs, self.op_resolve),
+            "pull": (PullArgs, self.op_pull),
+            "pull_progress": (PullProgressArgs, self.op_pull_progress),
             "shutdown": (Empty, self._after_restore(self.op_shutdown)),
         }
 
@@ -561,10 +577,39 @@ class Daemon:
         except RegistryError as exc:
             raise registry_error(exc) from None
         self.layers.remember(image)
+        self.layers.warm(image, self.config.mount_timeout)
         return ResolveResult(ref=str(image.ref), manifest_digest=image.manifest_digest,
                              manifest_media_type=image.manifest_media_type, manifest=image.manifest_bytes,
                              config=image.config_bytes, index_digest=image.index_digest,
                              index_media_type=image.index_media_type, index=image.index_bytes)
+
+    async def _pull_service(self) -> Any:
+        if self._pulls is None:
+            if self._pull_imports is not None:
+                await asyncio.gather(self._pull_imports, return_exceptions=True)
+            from lazyd.containerd.service import PullService
+
+            def resolved(image: Any) -> None:
+                self.layers.remember(image)
+                self.layers.warm(image, self.config.mount_timeout)
+
+            self._pulls = PullService(self.registry, self.config.registry, resolved, self._last_fallback_reason)
+        return self._pulls
+
+    def _last_fallback_reason(self, layer_digest: str) -> str | None:
+        found = [f for f in self.fallbacks if f.layer_digest == layer_digest]
+        return max(found, key=lambda f: f.time).reason if found else None
+
+    async def op_pull(self, args: PullArgs) -> PullResult:
+        self.scheduler.note_activity()  # a pull is starting: hold background fetch back
+        service = await self._pull_service()
+        result: PullResult = await service.pull(args)
+        return result
+
+    async def op_pull_progress(self, args: PullProgressArgs) -> PullProgressResult:
+        service = await self._pull_service()
+        result: PullProgressResult = service.progress(args)
+        return result
 
     async def op_shutdown(self, _args: Empty) -> None:
         self._clean = True

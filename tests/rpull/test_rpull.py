@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pty
+import select
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from lazyd.api.messages import ApiError
 from lazyd.containerd import labels as L
 from lazyd.containerd.client import ContainerdClient
 from lazyd.containerd.errors import NotFoundError
@@ -126,9 +131,11 @@ def test_rpull_resolves_through_lazyd(containerd: Any, images: Images, tmp_path:
             before = c.status().totals.registry_requests
             via_lazyd = rpull_json(containerd, images.index, socket=str(daemon.socket))
             assert via_lazyd["resolved_by"] == "lazyd"
+            assert via_lazyd["pulled_by"] == "lazyd"  # the ``pull`` op: lazyd fetched and applied the layers
+            assert [layer["mode"] for layer in via_lazyd["layers"]] == ["full", "full"]
             assert c.status().totals.registry_requests >= before + 3  # index, manifest, config
         direct = rpull_json(containerd, images.index, namespace="direct")
-        assert direct["resolved_by"] == "registry"
+        assert direct["resolved_by"] == "registry" and direct["pulled_by"] == "lazyctl"
         for key in ("target_digest", "manifest_digest", "config_digest", "chain_id"):
             assert via_lazyd[key] == direct[key], key
         assert content_labels(containerd.address, "default") == content_labels(containerd.address, "direct")
@@ -189,3 +196,81 @@ def _config_digest(cd: Any, ref: str) -> str:
     target = ctr(cd, "images", "ls").stdout.split("\n")[1].split()[2]
     manifest = json.loads(ctr(cd, "content", "get", target).stdout)
     return manifest["config"]["digest"]
+
+
+def test_rpull_through_lazyd_imports_no_grpc(containerd: Any, images: Images, tmp_path: Path) -> None:
+    """With lazyd running, rpull is a thin client: no gRPC, protobuf, asyncio or HTTP client is imported."""
+    daemon = start_lazyd(tmp_path / "lazyd", tmp_path / "lazyd.sock", tmp_path / "lazyd.log")
+    try:
+        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "lazyd.cli.lazyctl", "rpull", "--plain-http",
+                               "--json", "--address", containerd.address, "--snapshotter", "overlayfs",
+                               "--socket", str(daemon.socket), images.esgz],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads(proc.stdout)["pulled_by"] == "lazyd"
+        imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+        assert "msgpack" in imported and "lazyd.api.wire" in imported
+        for heavy in ("grpc", "google.protobuf", "asyncio", "aiohttp", "lazyd.api.messages", "lazyd.containerd.client"):
+            assert heavy not in imported, f"lazyctl rpull imported {heavy}"
+    finally:
+        daemon.close(unmount=tmp_path)
+
+
+def test_pull_op_rejects_bad_requests(containerd: Any, images: Images, tmp_path: Path) -> None:
+    """The ``pull`` and ``pull_progress`` ops name the field or the object that was wrong."""
+    daemon = start_lazyd(tmp_path / "lazyd", tmp_path / "lazyd.sock", tmp_path / "lazyd.log")
+    try:
+        with daemon.client() as c:
+            good = {"ref": images.plain, "address": containerd.address, "namespace": "default",
+                    "snapshotter": "overlayfs", "plain_http": True}
+            for bad, field in ((dict(good, address="relative.sock"), "address"),
+                               (dict(good, namespace="no spaces"), "namespace"),
+                               (dict(good, ref="UPPER/case:x"), "ref"),
+                               ({k: v for k, v in good.items() if k != "snapshotter"}, "snapshotter")):
+                with pytest.raises(ApiError) as err:
+                    c.call("pull", bad)
+                assert err.value.code == "invalid_request" and field in err.value.message
+            with pytest.raises(ApiError) as err:
+                c.call("pull", dict(good, address=str(tmp_path / "no-containerd.sock")))
+            assert err.value.code == "unavailable" and "no-containerd.sock" in err.value.message
+            with pytest.raises(ApiError) as err:
+                c.call("pull", dict(good, snapshotter="no-such-snapshotter"))
+            assert "no-such-snapshotter" in err.value.message
+            with pytest.raises(ApiError) as err:
+                c.call("pull_progress", {"pull_id": "nothing-running"})
+            assert err.value.code == "not_found"
+        assert ctr(containerd, "images", "ls", "-q").stdout.strip() == ""
+        assert ctr(containerd, "leases", "ls", "-q").stdout.strip() == ""
+    finally:
+        daemon.close(unmount=tmp_path)
+
+
+def test_rpull_through_lazyd_shows_progress_on_a_terminal(containerd: Any, images: Images, tmp_path: Path) -> None:
+    """On a terminal rpull polls ``pull_progress`` and draws a bar; the result is the same."""
+    daemon = start_lazyd(tmp_path / "lazyd", tmp_path / "lazyd.sock", tmp_path / "lazyd.log")
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.run(["lazyctl", "rpull", "--plain-http", "--address", containerd.address,
+                               "--snapshotter", "overlayfs", "--socket", str(daemon.socket), images.plain],
+                              stdout=subprocess.PIPE, stderr=slave, text=True, timeout=300)
+        os.close(slave)
+        slave = -1
+        err = b""
+        while select.select([master], [], [], 0.5)[0]:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            err += chunk
+        assert proc.returncode == 0, err.decode(errors="replace")
+        assert "0 lazy, 2 in full" in proc.stdout.splitlines()[-1]
+        text = err.decode(errors="replace")
+        assert "pulled in full: not eStargz" in text
+        assert "it/s" in text or "B/s" in text or "layer" in text, text  # tqdm drew the bar
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+        daemon.close(unmount=tmp_path)
