@@ -9,7 +9,7 @@
 #   --no-build-isolation so that it uses exactly those.
 # The sdist is checked against the sha256 in llfuse.sha256 before it is unpacked.
 # Skips the build when the patched version is already installed.  Needs
-# libfuse-dev, pkg-config, a C compiler and the Python headers; takes about 20 s.
+# libfuse-dev, pkg-config, patch, a C compiler and the Python headers; takes about 20 s.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 if [ $# -ne 1 ]; then
@@ -38,7 +38,7 @@ if [ "$have" = "$want" ]; then
   exit 0
 fi
 for mod in setuptools wheel; do
-  if ! "$py" -c "import $mod"; then
+  if ! "$py" -c "import importlib.util as u, sys; sys.exit(0 if u.find_spec('$mod') else 1)"; then
     echo "$0: $py has no '$mod' module; the build needs it (scripts/setup installs it)" >&2
     exit 1
   fi
