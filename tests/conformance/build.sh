@@ -17,6 +17,9 @@ if [ -n "$need" ]; then
   apt-get -o DPkg::Lock::Timeout=600 update -qq
   apt-get -o DPkg::Lock::Timeout=600 install -y -qq $need >/dev/null
 fi
+mkdir -p "$OUT"
+exec 9>"$OUT/.build.lock"   # one build at a time per OUTDIR (setup and a test run may overlap)
+flock 9
 # Debian installs gotest.tools v3 at its v1 import path; the suite imports gotest.tools/v3.
 mkdir -p "$OUT/gopath/src/gotest.tools"
 ln -sfn /usr/share/gocode/src/gotest.tools "$OUT/gopath/src/gotest.tools/v3"

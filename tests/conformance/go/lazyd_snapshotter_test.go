@@ -78,8 +78,7 @@ func newLazydSnapshotter(ctx context.Context, root string) (snapshots.Snapshotte
 	argv = append(argv, "snapshotter", "--config", config, "--root", filepath.Join(root, "state"),
 		"--address", sock, "--lazyd-socket", filepath.Join(root, "lazyd.sock"), "--log-level", "info")
 	cmd := exec.Command(argv[0], argv[1:]...)
-	cmd.Stdout, cmd.Stderr = logFile, logFile
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	cmd.Stdout, cmd.Stderr = logFile, logFile // same process group: whoever kills the suite's group kills these too
 	if err := cmd.Start(); err != nil {
 		return nil, nil, fmt.Errorf("start %v: %w", argv, err)
 	}
@@ -101,7 +100,7 @@ func newLazydSnapshotter(ctx context.Context, root string) (snapshots.Snapshotte
 				stopErr = fmt.Errorf("lazyd snapshotter exited with %v; log:\n%s", err, logTail(logPath, 3000))
 			}
 		case <-time.After(*stopTimeout):
-			_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+			_ = cmd.Process.Kill()
 			<-exited
 			stopErr = fmt.Errorf("lazyd snapshotter did not exit within %v of SIGTERM; log:\n%s", *stopTimeout, logTail(logPath, 3000))
 		}
