@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 from lazyd.cli.lazyctl import DEFAULT_SOCKET
 from lazyd.cli.output import fail, human_bytes, print_json, print_table
 from lazyd.cli.registry import add_global
-from lazyd.cli.version import describe_llfuse
 
 if TYPE_CHECKING:
     from lazyd.api.client import Client
@@ -80,6 +79,8 @@ def _pct(part: int, whole: int) -> str:
 
 
 def _print_status(st: StatusResult) -> None:
+    from lazyd.cli.version import describe_llfuse
+
     print(f"lazyd {st.version} pid {st.pid}  root {st.root}  socket {st.socket}")
     llfuse = describe_llfuse(st.llfuse_version) if st.llfuse_version else "unknown (no worker answered)"
     print(f"llfuse {llfuse}")

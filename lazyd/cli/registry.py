@@ -8,9 +8,9 @@ the state root, ``--json``, ``--log-level``) go before or after the subcommand:
 ``lazyctl --socket S status`` and ``lazyctl status --socket S`` are the same.  A
 command declares the ones it uses with :func:`add_global` (with its own default);
 :func:`build_parser` then declares every global option of the tool on the top-level
-parser, on each command group and, hidden, on every command, all with
-``default=SUPPRESS`` so a later placement overrides an earlier one and an absent
-option leaves no trace.  After parsing, :func:`parse` fills in the command's
+parser and on each command group, all with ``default=SUPPRESS`` (also on the
+commands) so a later placement overrides an earlier one and an absent option
+leaves no trace.  After parsing, :func:`parse` fills in the command's
 defaults and rejects a global option the command does not use, naming it, at
 either placement.
 """
@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lazyd.cli.version import VersionAction
 
 
 @dataclass(frozen=True)
@@ -52,6 +51,47 @@ GLOBAL_OPTIONS: dict[str, GlobalOption] = {o.dest: o for o in (
     GlobalOption("--json", "print one JSON document for scripts", {"action": "store_true"}),
     GlobalOption("--log-level", "log level", {"choices": LOG_LEVEL_CHOICES}),
 )}
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, with the terminal width looked up once per process, not per argument."""
+
+    _width: int | None = None
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        if width is None:
+            if _HelpFormatter._width is None:
+                import shutil
+
+                _HelpFormatter._width = shutil.get_terminal_size().columns - 2  # what HelpFormatter computes
+            width = _HelpFormatter._width
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser using :class:`_HelpFormatter`; its subcommand parsers are of this class too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+class VersionAction(argparse.Action):
+    """``--version``: print lazyd's version and the llfuse build, then exit 0 (imports only then)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: Any = argparse.SUPPRESS, help: str | None = None) -> None:  # noqa: A002
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        import sys
+
+        from lazyd.cli.version import version_text
+
+        sys.stdout.write(version_text(parser.prog))
+        parser.exit(0)
+
 
 _USES = "_global_defaults"  # parser default: {dest: default} of the globals a command uses
 _LEAF = "_command_parser"   # parser default: the command's own parser, for its error messages
@@ -97,16 +137,20 @@ def _uses(p: argparse.ArgumentParser) -> dict[str, Any]:
     return dict(p.get_default(_USES) or {})
 
 
+def _check_command(p: argparse.ArgumentParser, dests: Sequence[str]) -> None:
+    """Refuse a command that declares a global option with add_argument (it would break placement)."""
+    for dest in dests:
+        flag = GLOBAL_OPTIONS[dest].flag
+        if dest not in _uses(p) and flag in p._option_string_actions:  # noqa: SLF001
+            raise ValueError(f"{p.prog} declares {flag} itself; declare it with registry.add_global() "
+                             f"so it works before and after the subcommand")
+
+
 def _declare(p: argparse.ArgumentParser, dests: Sequence[str], shown: set[str], used_by: dict[str, list[str]],
              helps: dict[str, str]) -> None:
-    """Declare ``dests`` on ``p`` (``default=SUPPRESS``); those not in ``shown`` are hidden from its help."""
+    """Declare ``dests`` on the top-level or group parser ``p``; those not in ``shown`` are hidden from its help."""
     for dest in dests:
-        if dest in _uses(p) and p.get_default(_LEAF) is p:
-            continue  # the command declared it itself
         option = GLOBAL_OPTIONS[dest]
-        if option.flag in p._option_string_actions:  # noqa: SLF001
-            raise ValueError(f"{p.prog} declares {option.flag} itself; declare it with registry.add_global() "
-                             f"so it works before and after the subcommand")
         text = f"{helps[dest]}; used by: {', '.join(used_by[dest])}" if dest in shown else argparse.SUPPRESS
         p.add_argument(option.flag, dest=dest, default=argparse.SUPPRESS, help=text, **option.kwargs)
 
@@ -119,7 +163,7 @@ def build_parser(prog: str, description: str, modules: Sequence[str], *,
     lazyctl's ``--log-level``; the others are the ones commands declared with :func:`add_global`.
     Above the commands, an option's help is that of the first command using it.
     """
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = _Parser(prog=prog, description=description)
     parser.add_argument("--version", action=VersionAction, help="print lazyd's version and the llfuse build, then exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -146,9 +190,8 @@ def build_parser(prog: str, description: str, modules: Sequence[str], *,
         """Declare the globals on ``p`` and below; the set of those its commands use."""
         children = _subcommands(p)
         if not children:
-            used = set(_uses(p))
-            _declare(p, dests, used, used_by, helps)
-            return used
+            _check_command(p, dests)
+            return set(_uses(p))
         used = set().union(*(declare(child) for child in {id(c): c for c in children.values()}.values()))
         _declare(p, dests, used, used_by, helps)
         return used
@@ -161,11 +204,19 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpar
     """Parse ``argv``; fill in the command's defaults for global options it was not given.
 
     A global option given to a command that does not use it is an error (exit 2) naming the
-    option and the command.
+    option, at either placement: before the command the top-level parser took it; after
+    it the command's parser (which does not declare it) left it over.
     """
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
     command: argparse.ArgumentParser = getattr(args, _LEAF)
     uses: dict[str, Any] = getattr(args, _USES, None) or {}
+    flags = {o.flag: o for o in GLOBAL_OPTIONS.values()}
+    for word in extras:
+        option = flags.get(word.split("=", 1)[0])
+        if option is not None:
+            command.error(f"{option.flag} does not apply to this command")
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
     for dest, option in GLOBAL_OPTIONS.items():
         if dest in uses:
             if not hasattr(args, dest):

@@ -1,15 +1,11 @@
 """``--version``: lazyd's version and the llfuse build in use.
 
-Cheap on purpose: nothing is imported until ``--version`` is given, and then only
+Cheap on purpose: the registry imports this module only when ``--version`` is given
+(and ``lazyctl status`` when it prints a table); it then imports only
 ``importlib.metadata`` and llfuse itself.
 """
 
 from __future__ import annotations
-
-import argparse
-import sys
-from collections.abc import Sequence
-from typing import Any, NoReturn
 
 # The local-version suffix of lazyd's patched llfuse (contrib/llfuse): read() gets the inode,
 # so the workers let the kernel open files by itself (no_open).  lazyd/fuse/fs.py checks the same.
@@ -46,14 +42,6 @@ def describe_llfuse(version: str | None) -> str:
     return f"{version} (stock build: every open reaches the worker)"
 
 
-class VersionAction(argparse.Action):
-    """``--version``: print the versions and exit 0."""
-
-    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
-                 default: Any = argparse.SUPPRESS, help: str | None = None) -> None:  # noqa: A002
-        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> NoReturn:
-        sys.stdout.write(f"{parser.prog} {lazyd_version()}\nllfuse {describe_llfuse(llfuse_version())}\n")
-        parser.exit(0)
+def version_text(prog: str) -> str:
+    """What ``PROG --version`` prints: lazyd's version, then the llfuse build."""
+    return f"{prog} {lazyd_version()}\nllfuse {describe_llfuse(llfuse_version())}\n"
