@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from lazyd.cli.lazyd import build_parser
+from lazyd.cli.registry import parse
 from lazyd.cli.snapshotter_cmd import build_config
 from lazyd.configfile import ConfigError
 from lazyd.snapshotter.config import SnapshotterConfig, load_config
@@ -25,8 +26,8 @@ def test_file_table_and_flags_override(tmp_path: Path) -> None:
     cfg.write_text('workers = 2\n[snapshotter]\nroot = "/srv/sn"\naddress = "/srv/sn.sock"\nmount_timeout = 5\n'
                    'log_level = "debug"\n')
     assert load_config(cfg).mount_timeout == 5.0
-    args = build_parser().parse_args(["snapshotter", "--config", str(cfg), "--root", str(tmp_path / "r"),
-                                      "--lazyd-socket", "rel.sock"])
+    args = parse(build_parser(), ["snapshotter", "--config", str(cfg), "--root", str(tmp_path / "r"),
+                                  "--lazyd-socket", "rel.sock"])
     c = build_config(args)
     assert c.root == tmp_path / "r"                     # flag wins
     assert c.address == Path("/srv/sn.sock")            # file value kept
@@ -50,7 +51,7 @@ def test_bad_keys_are_named(tmp_path: Path) -> None:
 def test_cli_reports_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "config.toml"
     cfg.write_text("[snapshotter]\ncheck_timeout = -1\n")
-    args = build_parser().parse_args(["snapshotter", "--config", str(cfg)])
+    args = parse(build_parser(), ["snapshotter", "--config", str(cfg)])
     assert args.func(args) == 2
     assert "check_timeout" in capsys.readouterr().err
 
