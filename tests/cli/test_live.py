@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,3 +97,26 @@ def test_wrong_socket_before_the_command_is_used(daemon: Lazyd, tmp_path: Path) 
     proc = lazyctl("--socket", str(tmp_path / "none.sock"), "status")
     assert proc.returncode == 1
     assert str(tmp_path / "none.sock") in proc.stderr
+
+
+@pytest.mark.parametrize("placement", ["before", "after"])
+def test_snapshotter_takes_options_either_side(placement: str, tmp_path: Path) -> None:
+    """``lazyd --root R --address A --lazyd-socket L --log-level warning snapshotter`` (or after) serves on A.
+
+    The default level (info) logs where it serves; at warning that line must be gone.
+    """
+    sockdir = Path(tempfile.mkdtemp(prefix="cli-sn-", dir="/tmp"))  # short path: sockets have a 108-byte limit
+    address, lazyd_socket, root = sockdir / "sn.sock", sockdir / "lazyd.sock", tmp_path / "sn-root"
+    options = ["--root", str(root), "--address", str(address), "--lazyd-socket", str(lazyd_socket),
+               "--log-level", "warning"]
+    argv = [*options, "snapshotter"] if placement == "before" else ["snapshotter", *options]
+    proc = Proc([sys.executable, "-m", "lazyd.cli.lazyd", *argv], tmp_path / "sn.log")
+    try:
+        wait_until(lambda: address.exists() or not proc.alive(), 30, "lazyd snapshotter socket")
+        assert proc.alive(), proc.log_text()[-4000:]
+        assert root.is_dir()
+        assert proc.stop() == 0
+        assert "serving containerd snapshots" not in proc.log_text()
+    finally:
+        proc.stop()
+        shutil.rmtree(sockdir, ignore_errors=True)
