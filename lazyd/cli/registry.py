@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
-
 @dataclass(frozen=True)
 class GlobalOption:
     """One option accepted before and after the subcommand."""
@@ -51,6 +50,7 @@ GLOBAL_OPTIONS: dict[str, GlobalOption] = {o.dest: o for o in (
     GlobalOption("--json", "print one JSON document for scripts", {"action": "store_true"}),
     GlobalOption("--log-level", "log level", {"choices": LOG_LEVEL_CHOICES}),
 )}
+
 
 class _HelpFormatter(argparse.HelpFormatter):
     """argparse's formatter, with the terminal width looked up once per process, not per argument."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -160,7 +161,7 @@ def test_log_levels_match_the_daemons() -> None:
     assert LOG_LEVEL_CHOICES == LOG_LEVELS == SNAPSHOTTER_LOG_LEVELS
 
 
-def test_snapshotter_config_takes_options_before_the_command(tmp_path: pytest.TempPathFactory) -> None:
+def test_snapshotter_config_takes_options_before_the_command(tmp_path: Path) -> None:
     from lazyd.cli.snapshotter_cmd import build_config
 
     config = tmp_path / "c.toml"
