@@ -12,7 +12,18 @@ optionally through a delay-line proxy (``--rtt``; no qdiscs). It reports:
   lazyd's ``resolve`` and every containerd call; snapshot Prepare of a lazily mounted layer
   includes the snapshotter's lazyd ``mount`` (footer + TOC fetch + FUSE mount).
 
+With ``--link RATE:RTT_MS`` (repeatable) it instead compares pull wall times on a throttled
+link (htb on the registry port + delay-line proxy, ``tests/support/netem.py``), rounds
+alternating the clients, each in a fresh stack on a tmpfs, all on the same eStargz image:
+
+* ``stargz``: the reference ``containerd-stargz-grpc`` + ``ctr-remote images rpull``;
+* ``lazyd``: ``lazyd serve`` + ``lazyd snapshotter`` + ``lazyctl rpull`` (``--lazyctl``, default
+  the one on PATH) of this tree;
+* ``lazyd-base``: the same, with every lazyd process and lazyctl running the tree ``--base``
+  (e.g. ``git archive <commit> | tar -x -C DIR``) through PYTHONPATH: "before" in the same run.
+
 Run as root:  python3 bench/bench_pull.py --rounds 5 [--rtt 10]
+              python3 bench/bench_pull.py --rounds 5 --link 200mbit:10 --link 50mbit:40 [--base DIR]
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -144,9 +156,152 @@ def summarize_trace(trace: Trace, start: float) -> list[tuple[str, int, float, f
                    for name, v in groups.items()), key=lambda r: r[3])
 
 
+@contextmanager
+def tree(base: Path | None) -> Iterator[None]:
+    """Run the lazyd processes started inside with the lazyd package of ``base`` (None: this tree)."""
+    old = os.environ.get("PYTHONPATH")
+    if base is not None:
+        os.environ["PYTHONPATH"] = str(base)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
+def compare_once(client: str, ref: str, proxy_host: str, work: Path, lazyctl: str, base: Path | None) -> float:
+    """Wall time of one cold pull of ``ref`` by ``client`` in a fresh stack under ``work``."""
+    import bench_e2e as e2e  # the reference stack lives there
+
+    if client == "stargz":
+        with e2e.stargz_stack(work) as cd:
+            t0 = time.monotonic()
+            cd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", e2e.PROXY_SNAPSHOTTER, ref)
+            return time.monotonic() - t0
+    with tree(base if client == "lazyd-base" else None):
+        settings = {"registry": f'{{plain_http = ["{proxy_host}"]}}'}
+        with e2e.lazyd_stack(work, settings) as (cd, sock):
+            t0 = time.monotonic()
+            out = subprocess.run([lazyctl, "rpull", "--plain-http", "--json", "--address", cd.address, "--snapshotter",
+                                  e2e.PROXY_SNAPSHOTTER, "--socket", str(sock), ref],
+                                 capture_output=True, text=True, timeout=300)
+            wall = time.monotonic() - t0
+    if out.returncode != 0:
+        raise RuntimeError(f"{client}: lazyctl rpull failed:\n{out.stderr[-3000:]}")
+    modes = [layer["mode"] for layer in json.loads(out.stdout)["layers"]]
+    if modes != ["lazy"] * len(modes):
+        raise RuntimeError(f"{client}: layers were not all mounted lazily: {modes}")
+    return wall
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Pull wall times of the reference and lazyd (and lazyd's ``--base`` tree) on throttled links."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_e2e as e2e
+    from tests.support.netem import throttled_proxy
+    from tests.support.registry import start_registry
+
+    clients = ["stargz", "lazyd"] + (["lazyd-base"] if args.base and not args.cri else [])
+    lazyctl = args.lazyctl or shutil.which("lazyctl") or "lazyctl"
+    print(f"lazyctl: {lazyctl}; base tree: {args.base}")
+    times: dict[tuple[str, str], list[float]] = defaultdict(list)
+    with e2e.tmpfs() as work, ExitStack() as stack:
+        reg = start_registry(work / "registry-root")
+        stack.callback(reg.stop)
+        src = cached_estargz(debian_python_layout(), "latest", lazyd_builder)
+        push(src, reg.host, "debian-python:esgz")
+        for link in args.link:
+            rate, rtt = link.split(":")
+            with throttled_proxy(reg.port, rate, float(rtt) / 1000) as proxy:
+                ref = f"{proxy.host}/debian-python:esgz"
+                for n in range(args.rounds):
+                    order = clients[n % len(clients):] + clients[:n % len(clients)]  # rotate who goes first
+                    for client in order:
+                        root = work / f"{link.replace(':', '-')}-{n}-{client}"
+                        if args.cri:
+                            wall, run = cri_once(client, ref, proxy.host, root)
+                            times[(link, client + " run")].append(run)
+                        else:
+                            wall = compare_once(client, ref, proxy.host, root, lazyctl, args.base)
+                        shutil.rmtree(root, ignore_errors=True)
+                        times[(link, client)].append(wall)
+                        extra = f", ctr run to hello {run:.3f}s" if args.cri else ""
+                        print(f"# {link} round {n} {client:10s} {wall:.3f}s{extra} (load {e2e.load()})", flush=True)
+    what = "CRI PullImage" if args.cri else "pull wall time"
+    print(f"\n## {what}, median of {args.rounds} (min-max), s")
+    print(f"{'link':14s} " + " ".join(f"{c:>22s}" for c in clients) + "   lazyd/stargz" +
+          ("   base/stargz" if args.base else ""))
+    for link in args.link:
+        med = {c: statistics.median(times[(link, c)]) for c in clients}
+        cells = " ".join(f"{med[c]:6.3f} ({min(times[(link, c)]):.3f}-{max(times[(link, c)]):.3f})".rjust(22)
+                         for c in clients)
+        ratios = f"   {med['lazyd'] / med['stargz']:12.2f}" + (f"   {med['lazyd-base'] / med['stargz']:11.2f}"
+                                                             if args.base else "")
+        print(f"{link:14s} {cells}{ratios}")
+        if args.cri:
+            runs = {c: statistics.median(times[(link, c + " run")]) for c in clients}
+            print(f"{'':14s} then ctr run to hello: " + ", ".join(f"{c} {runs[c]:.3f}" for c in clients))
+    return 0
+
+
+@contextmanager
+def cri_stack(client: str, work: Path, proxy_host: str) -> Iterator[Containerd]:
+    """containerd with its CRI plugin unpacking into lazyd's snapshotter or the reference's."""
+    import bench_e2e as e2e
+    from tests.support.procs import Proc, wait_until
+
+    with ExitStack() as stack:
+        work.mkdir(parents=True)
+        if client == "stargz":
+            (work / "stargz.toml").write_text("")
+            sock = work / "stargz.sock"
+            proc = Proc([e2e.STARGZ_GRPC, "-address", str(sock), "-root", str(work / "stargz"), "-config",
+                         str(work / "stargz.toml"), "-log-level", "info"], work / "stargz.log")
+            stack.callback(lambda: (proc.stop(), e2e.unmount_below(work)))
+            wait_until(lambda: sock.exists() or not proc.alive(), 30, "containerd-stargz-grpc socket")
+        else:
+            settings = {"registry": f'{{plain_http = ["{proxy_host}"]}}'}
+            lazyd_sock = stack.enter_context(e2e.lazyd_daemon(work / "lazyd", settings))
+            sock = work / "snapshotter.sock"
+            snap = start_snapshotter(work / "snapshotter", sock, lazyd_sock, work / "snapshotter.log")
+            stack.callback(snap.stop)
+        cd = start_containerd(work / "containerd", snapshotter_address=str(sock), cri=True,
+                              cri_snapshotter=e2e.PROXY_SNAPSHOTTER)
+        stack.callback(cd.stop)
+        yield cd
+
+
+def cri_once(client: str, ref: str, proxy_host: str, work: Path) -> tuple[float, float]:
+    """(PullImage, ``ctr run`` to ``hello``) seconds through CRI in a fresh stack: no lazyctl process."""
+    import bench_e2e as e2e
+    from tests.e2e.cri.client import CRIImageClient
+
+    with cri_stack(client, work, proxy_host) as cd:
+        with CRIImageClient(cd.address) as cri:
+            t0 = time.monotonic()
+            cri.pull(ref)
+            pull = time.monotonic() - t0
+        argv = ["ctr", "--address", cd.address, "--namespace", "k8s.io", "run", "--rm", "--snapshotter",
+                e2e.PROXY_SNAPSHOTTER, ref, "hello", *e2e.CMD]
+        t0 = time.monotonic()
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        run = time.monotonic() - t0
+        if out.stdout.strip() != "hello":
+            raise RuntimeError(f"{client}: ctr run printed {out.stdout!r}: {out.stderr[-2000:]}")
+    return pull, run
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--link", action="append", help="RATE:RTT_MS: compare with the reference on this link "
+                    "(repeatable; needs tc)")
+    ap.add_argument("--base", type=Path, help="with --link: also run this lazyd tree (the 'before')")
+    ap.add_argument("--lazyctl", help="with --link: the lazyctl to run (default: the one on PATH)")
+    ap.add_argument("--cri", action="store_true", help="with --link: pull through containerd's CRI PullImage "
+                    "(tests/e2e/cri client, no lazyctl process), then time `ctr run` to hello")
     ap.add_argument("--rtt", type=float, default=0.0, help="round-trip time to the registry in ms (delay-line proxy)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info"], help="of lazyd serve and the snapshotter")
     ap.add_argument("--keep-logs", type=Path, help="copy each round's daemon logs here")
@@ -154,6 +309,8 @@ def main() -> int:
     if os.geteuid() != 0:
         print("run as root (mounts, containerd)", file=sys.stderr)
         return 2
+    if args.link:
+        return compare(args)
     print("## start-up (best of 5, s)")
     for name, secs in startup_times().items():
         print(f"{name:32s} {secs:.3f}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import secrets
 import tempfile
@@ -36,6 +37,7 @@ from .client import WRITE_CHUNK, ContainerdClient, ImageRecord
 from .errors import AlreadyExistsError, ContainerdError, NotFoundError
 
 TOC_DIGEST_ANNOTATION = L.STARGZ_TOC_DIGEST
+log = logging.getLogger(__name__)
 
 
 class PullError(Exception):
@@ -146,6 +148,7 @@ class RemotePuller:
         """Pull ``ref``; the image record is called ``name`` (default: the canonical reference)."""
         started = time.monotonic()
         image = await self.registry.resolve(ref)
+        log.debug("pull %s: resolved %s in %.3fs", ref, image.manifest_digest, time.monotonic() - started)
         self.observer.resolved(image)
         diff_ids = [str(d) for d in (image.config.get("rootfs") or {}).get("diff_ids") or []]
         layers = [d for d in image.layers if L.is_layer(d.media_type)]
@@ -164,6 +167,8 @@ class RemotePuller:
                 for i, desc in enumerate(layers):
                     self.observer.layer_started(i, desc)
                     layer = await self._unpack_layer(image, i, desc, layers, diff_ids[i], chain[i], parent, result)
+                    log.debug("pull %s: layer %d %s in %.3fs (at %.3fs)", ref, i, layer.mode, layer.seconds,
+                              time.monotonic() - started)
                     result.layers.append(layer)
                     self.observer.layer_done(layer)
                     parent = chain[i]
@@ -178,6 +183,7 @@ class RemotePuller:
                 await self.containerd.content_update_labels(
                     image.config_digest, {L.GC_REF_SNAPSHOT_PREFIX + self.snapshotter: chain[-1]})
             await self.containerd.put_image(ImageRecord(name=image_name, target=target))
+            log.debug("pull %s: image record %s at %.3fs", ref, image_name, time.monotonic() - started)
         result.target_digest = target.digest
         result.seconds = time.monotonic() - started
         return result

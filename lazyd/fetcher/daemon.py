@@ -144,6 +144,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        # gRPC + protobuf for the ``pull`` op: imported off the loop while the workers start, not by the first pull.
+        self._pull_imports = asyncio.create_task(asyncio.to_thread(importlib.import_module, "lazyd.containerd.service"))
         try:
             try:
                 adopted = await self.supervisor.start()
@@ -152,9 +154,6 @@ class Daemon:
                 return 1
             await self._restore_mounts(adopted)
             self._restored.set()
-            # gRPC + protobuf for the ``pull`` op: imported now, off the loop, not by the first pull.
-            self._pull_imports = asyncio.create_task(
-                asyncio.to_thread(importlib.import_module, "lazyd.containerd.service"))
             saver = asyncio.create_task(self._save_counters_every(COUNTERS_SAVE_INTERVAL))
             try:
                 await self._stop.wait()

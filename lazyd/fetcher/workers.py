@@ -95,12 +95,19 @@ class Supervisor:
         """Adopt live workers, spawn the missing ones; returns the status of adopted workers."""
         (self.root / "workers").mkdir(parents=True, exist_ok=True, mode=0o700)
         adopted: dict[int, WorkerStatusResult] = {}
-        for worker_id in range(self.count):
+
+        async def one(worker_id: int) -> None:
             status = await self._adopt(worker_id)
             if status is not None:
                 adopted[worker_id] = status
             else:
                 self.workers[worker_id] = await self.spawn(worker_id)
+
+        # Concurrently: a worker spends its start-up in its own process, so N start in about the time of one.
+        results = await asyncio.gather(*(one(worker_id) for worker_id in range(self.count)), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         self._monitor = asyncio.create_task(self._watch())
         return adopted
 
