@@ -6,6 +6,7 @@ requests) and returned as the JSON the producer wrote, names untouched.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import urllib.request
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ class Image:
     """An image in the registry: its manifest and config."""
 
     ref: str
+    digest: str
     manifest: dict[str, Any]
     config: dict[str, Any]
 
@@ -54,11 +56,12 @@ def _get(url: str, headers: dict[str, str] | None = None) -> bytes:
 def read_image(ref: str) -> Image:
     """Manifest and config of ``HOST/REPO:TAG`` (a single-platform image)."""
     host, repo, tag = _split(ref)
-    manifest = json.loads(_get(f"http://{host}/v2/{repo}/manifests/{tag}", {"Accept": MANIFEST_TYPES}))
+    raw = _get(f"http://{host}/v2/{repo}/manifests/{tag}", {"Accept": MANIFEST_TYPES})
+    manifest = json.loads(raw)
     if "layers" not in manifest:
         raise ValueError(f"{ref}: not a single image manifest: {manifest.get('mediaType')}")
     config = json.loads(_get(f"http://{host}/v2/{repo}/blobs/{manifest['config']['digest']}"))
-    return Image(ref, manifest, config)
+    return Image(ref, "sha256:" + hashlib.sha256(raw).hexdigest(), manifest, config)
 
 
 def _range(host: str, repo: str, digest: str, start: int, end: int) -> bytes:

@@ -11,15 +11,19 @@ A producer turns the plain (gzip) source image ``src`` into an eStargz image pus
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
+import re
+import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.e2e.images import convert_layout, reference_builder_with
+from tests.e2e.images import REFERENCE_BUILD, convert_layout, reference_builder_with
 from tests.support.containerd import Containerd
-from tests.support.images import push
+from tests.support.images import CACHE, push
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,8 @@ def lazyctl_convert_prioritized(shop: Workshop, src: Source, dst: str) -> None:
 
 
 def _pulled(shop: Workshop, ref: str) -> None:
-    shop.containerd.ctr("images", "pull", "--plain-http", ref, timeout=600)
+    """The image's content in the workshop's containerd (ctr-remote converts content; no unpack needed)."""
+    shop.containerd.ctr("content", "fetch", "--plain-http", ref, timeout=600)
 
 
 def ctr_remote_convert(shop: Workshop, src: Source, dst: str) -> None:
@@ -108,3 +113,48 @@ PRODUCERS: dict[str, Producer] = {
     "estargz-build -chunk-size 4096": estargz_build("-chunk-size", "4096"),
     "estargz-build -mode writer": estargz_build("-mode", "writer", "-chunk-size", "4096"),
 }
+
+
+def _tool_key(producer: str) -> str:
+    """What the output of ``producer`` depends on besides its input: the lazyd sources or the reference binaries."""
+    h = hashlib.sha256(producer.encode())
+    if producer.startswith("lazyctl"):
+        import lazyd
+
+        pkg = Path(lazyd.__file__).parent
+        for path in sorted([*(pkg / "convert").glob("*.py"), *(pkg / "estargz").glob("*.py")]):
+            h.update(path.name.encode() + path.read_bytes())
+    else:
+        for tool in ("ctr-remote", REFERENCE_BUILD):
+            found = shutil.which(tool)
+            if found is None:
+                raise RuntimeError(f"{tool} is not installed")
+            st = Path(found).stat()
+            h.update(f"{found}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def cached_produce(shop: Workshop, producer: str, src: Source, dst: str, source_digest: str) -> bool:
+    """Run ``producer`` on ``src`` as ``dst``, or push its cached output; True when the cache answered.
+
+    The output is kept in ``$LAZYD_TEST_CACHE`` as an OCI layout, keyed by the source's manifest
+    digest and by ``_tool_key``, so a changed lazyd converter (or reference build) makes it again.
+    For the big debian source, where converting takes minutes on two cores.
+    """
+    slug = re.sub(r"[^a-z0-9]+", "-", producer.lower()).strip("-")
+    layout = CACHE / f"interop-{src.name}-{slug}-{source_digest.split(':')[1][:12]}-{_tool_key(producer)}"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(f"{layout}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (layout / ".complete").exists():
+            push(f"oci:{layout}:latest", shop.registry_host, dst.split("/", 1)[1])
+            return True
+        PRODUCERS[producer](shop, src, dst)
+        shutil.rmtree(layout, ignore_errors=True)
+        _sh("skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{dst}", f"oci:{layout}:latest")
+        (layout / ".complete").touch()
+        for old in CACHE.glob(f"interop-{src.name}-{slug}-*"):
+            if old.is_dir() and old != layout:
+                shutil.rmtree(old, ignore_errors=True)
+                Path(f"{old}.lock").unlink(missing_ok=True)
+        return False

@@ -143,3 +143,25 @@ def test_expected_trees_are_what_the_sources_say(matrix: Matrix) -> None:
             assert clean in odd, (name, clean)
     assert stat.S_ISLNK(odd["lnk"][0]) and odd["lnk"][6] == "/abs/file"
     assert "usr/bin/python3" in matrix.expected("debian")
+
+
+@pytest.mark.parametrize("consumer", CONSUMERS)
+@pytest.mark.parametrize("source", ["busybox", "odd-names"])
+def test_plain_source_is_counted_as_fallback(matrix: Matrix, source: str, consumer: str,
+                                             request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Control: the plain (gzip) source is not eStargz, so every layer must be reported as a fallback.
+
+    This is what makes "zero fallbacks" in the cells above mean something for both consumers;
+    the tree pulled the non-lazy way must still equal overlayfs's.
+    """
+    src = matrix.sources[source]
+    image = read_image(src.ref)
+    puller: LazydConsumer | StargzConsumer = request.getfixturevalue(f"{consumer}_consumer")
+    ns = _namespace("plain", source, consumer)
+    report = puller.pull(image, ns)
+    assert report.lazy == 0 and len(report.fallbacks) >= 1, report
+    if consumer == "lazyd":
+        assert len(report.fallbacks) == len(image.layers), report
+    differences = tree_differences(matrix.expected(source), puller.tree(image, ns, tmp_path / "view"))
+    assert not differences, f"{len(differences)} differences, first: {differences[:5]}"
+    assert puller.run(image.ref, ns, f"{consumer}-plain", list(src.cmd)) == src.output

@@ -14,6 +14,7 @@ import stat
 import subprocess
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -39,16 +40,22 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def describe(root: Path) -> dict[str, Entry]:
-    """path -> (type, mode bits, uid, gid, size, sha256, link target, rdev, xattrs) for everything under root."""
+def describe(root: Path, readers: int = 8) -> dict[str, Entry]:
+    """path -> (type, mode bits, uid, gid, size, sha256, link target, rdev, xattrs) for everything under root.
+
+    Files are hashed by ``readers`` threads: on a lazy mount each first read waits for the
+    registry, so reading many files at once is what keeps a big image's walk short.
+    """
     out: dict[str, Entry] = {}
+    regular: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             path = Path(dirpath) / name
             st = path.lstat()
             digest = size = target = rdev = None
             if stat.S_ISREG(st.st_mode):
-                size, digest = st.st_size, _sha256(path)
+                size = st.st_size
+                regular.append(path)
             elif stat.S_ISLNK(st.st_mode):
                 target = os.readlink(path)
             elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
@@ -57,6 +64,11 @@ def describe(root: Path) -> dict[str, Entry]:
                                   for k in os.listxattr(path, follow_symlinks=False)))
             out[str(path.relative_to(root))] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid,
                                                 st.st_gid, size, digest, target, rdev, xattrs)
+    with ThreadPoolExecutor(readers) as pool:
+        for path, digest in zip(regular, pool.map(_sha256, regular)):
+            rel = str(path.relative_to(root))
+            entry = out[rel]
+            out[rel] = entry[:5] + (digest,) + entry[6:]
     st = root.stat()
     out["."] = (stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, None, None, None, None, ())
     return out
