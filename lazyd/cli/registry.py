@@ -20,21 +20,19 @@ from __future__ import annotations
 import argparse
 import importlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 
-@dataclass(frozen=True)
 class GlobalOption:
-    """One option accepted before and after the subcommand."""
+    """One option accepted before and after the subcommand (a plain class: a dataclass costs start-up time)."""
 
-    flag: str
-    help: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    __slots__ = ("flag", "dest", "help", "kwargs")
 
-    @property
-    def dest(self) -> str:
-        return self.flag.lstrip("-").replace("-", "_")
+    def __init__(self, flag: str, help: str, kwargs: dict[str, Any] | None = None) -> None:  # noqa: A002
+        self.flag = flag
+        self.dest = flag.lstrip("-").replace("-", "_")
+        self.help = help
+        self.kwargs = kwargs or {}
 
 
 LOG_LEVEL_CHOICES = ("debug", "info", "warning", "error")  # = lazyd.config.LOG_LEVELS (a test checks)
