@@ -94,13 +94,16 @@ def best_of(argv: list[str], n: int = 5) -> float:
 def startup_times() -> dict[str, float]:
     """Interpreter and import cost of lazyctl, net of a bare interpreter."""
     bare = best_of([sys.executable, "-c", "pass"])
-    imports = ("import lazyd.cli.lazyctl as m, lazyd.cli.rpull_cmd, lazyd.containerd.pull, lazyd.containerd.client, "
-               "lazyd.containerd.source; m.build_parser()")
+    thin = ("import lazyd.cli.lazyctl as m, lazyd.api.wire, select, socket; "
+            "m.build_parser().parse_args(['rpull', 'r/x:1'])")
+    in_process = ("import lazyd.cli.lazyctl as m, lazyd.cli.rpull_cmd, lazyd.containerd.pull, lazyd.containerd.client, "
+                  "lazyd.containerd.source, asyncio; m.build_parser().parse_args(['rpull', 'r/x:1'])")
     return {
         "python3 -c pass": bare,
         "lazyctl --help": best_of([sys.executable, "-m", "lazyd.cli.lazyctl", "--help"]),
         "lazyctl rpull --help": best_of([sys.executable, "-m", "lazyd.cli.lazyctl", "rpull", "--help"]),
-        "imports of the rpull path": best_of([sys.executable, "-c", imports]),
+        "imports: rpull through lazyd": best_of([sys.executable, "-c", thin]),
+        "imports: rpull in-process": best_of([sys.executable, "-c", in_process]),
     }
 
 

@@ -574,7 +574,6 @@ class Daemon:
         except RegistryError as exc:
             raise registry_error(exc) from None
         self.layers.remember(image)
-        self.layers.warm(image, self.config.mount_timeout)
         return ResolveResult(ref=str(image.ref), manifest_digest=image.manifest_digest,
                              manifest_media_type=image.manifest_media_type, manifest=image.manifest_bytes,
                              config=image.config_bytes, index_digest=image.index_digest,
