@@ -49,6 +49,13 @@ from tests.support.tcpproxy import TCPProxy  # noqa: E402
 
 STARGZ_GRPC = "/opt/lazyd-interop/bin/containerd-stargz-grpc"
 CMD = ("python3", "-c", "print('hello')")
+WORKLOADS = {
+    "hello": CMD,
+    # Imports that open hundreds of small .pyc files: the small-file read path (issue 11).
+    "heavy": ("python3", "-c", "import asyncio, email.mime.multipart, http.server, json, logging.handlers, "
+              "xml.dom.minidom, sqlite3, decimal, unittest, argparse, csv, zipfile, tarfile, ssl, urllib.request, "
+              "concurrent.futures, multiprocessing, pydoc; print(\"hello\")"),
+}
 PROXY_SNAPSHOTTER = "lazyd"  # the name start_containerd gives its proxy plugin (whichever daemon serves it)
 
 
@@ -430,7 +437,14 @@ def main() -> int:
                          "(prefetch_wait = true),lazyd-on-stargz,stargz-on-lazyd")
     ap.add_argument("--skip-optimize", action="store_true", help="do not try `ctr-remote image optimize`")
     ap.add_argument("--json", type=Path, help="also write every run as JSON here")
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="hello",
+                    help="hello: print('hello'); heavy: import 18 stdlib modules, then print hello")
+    ap.add_argument("--lazyd-set", action="append", default=[], metavar="KEY=TOML",
+                    help="extra top-level lazyd config for every lazyd client, repeatable")
     args = ap.parse_args()
+    global CMD
+    CMD = WORKLOADS[args.workload]
+    extra = dict(kv.split("=", 1) for kv in args.lazyd_set)
     if os.geteuid() != 0:
         print("run as root (tc, mounts, containerd)", file=sys.stderr)
         return 2
@@ -467,6 +481,8 @@ def main() -> int:
                     order = wanted if rnd % 2 == 0 else list(reversed(wanted))
                     for key in order:
                         client, label, ref, settings = plan[key]
+                        if client == "lazyd" and extra:
+                            settings = {**(settings or {}), **extra}
                         if ref is None:
                             print(f"# skip {key}: no image", flush=True)
                             continue

@@ -50,6 +50,19 @@ class DaemonConfig:
     background_batch_size: int = 4 * 1024 * 1024
     """Compressed bytes per background range request."""
 
+    background_share: int = 1
+    """Background requests that may be in flight while foreground activity has gone on without a
+    ``background_delay`` pause for ``background_delay`` seconds (a long scan of a big layer), so
+    the background fetch keeps a share of the link; 0: background waits for a pause."""
+
+    demand_window_min: int = 128 * 1024
+    """Compressed bytes an on-demand fetch covers at least, counted from its first member: the
+    members that follow in the blob come along in the same request (0: only what was asked)."""
+
+    demand_window_max: int = 1024 * 1024
+    """Largest neighbour window; it doubles from ``demand_window_min`` while on-demand misses
+    follow the previous on-demand range (sequential reads)."""
+
     max_range_size: int = 16 * 1024 * 1024
     """Largest coalesced range of adjacent chunks in one request."""
 
@@ -90,6 +103,12 @@ class DaemonConfig:
             ("background_delay", self.background_delay >= 0, "must not be negative"),
             ("max_range_size", self.max_range_size >= 4096, "must be at least 4096"),
             ("max_concurrent_requests", self.max_concurrent_requests >= 1, "must be at least 1"),
+            ("background_share", 0 <= self.background_share <= self.max_concurrent_requests,
+             "must be between 0 and max_concurrent_requests"),
+            ("demand_window_min", 0 <= self.demand_window_min <= self.max_range_size,
+             "must be between 0 and max_range_size"),
+            ("demand_window_max", self.demand_window_min <= self.demand_window_max <= self.max_range_size,
+             "must be between demand_window_min and max_range_size"),
             ("fetch_timeout", self.fetch_timeout > 0, "must be positive"),
             ("mount_timeout", self.mount_timeout > 0, "must be positive"),
             ("worker_start_timeout", self.worker_start_timeout > 0, "must be positive"),

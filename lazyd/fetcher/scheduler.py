@@ -9,16 +9,30 @@ multi-range request; a single range is streamed, so each member is stored and
 its waiters released as soon as its bytes are in.  Registry requests pass a
 priority gate (demand, then prefetch, then background); background work also
 waits until no demand or prefetch fetch has run, and no mount has started, for
-``background_delay`` seconds (``wait_quiet``).
+``background_delay`` seconds (``wait_quiet``) -- except that once foreground activity
+has gone on without such a pause for ``background_delay`` seconds, up to
+``background_share`` background requests may be in flight anyway, so a long scan of a
+big layer cannot starve the background fetch.
+
+Neighbour window: a demand fetch also fetches its neighbours in the blob (not stored,
+not in flight, adjacent without a gap): up to a quarter of a window of compressed bytes
+before the demanded members and the rest after them, in the same streamed range request.  The demanded read returns as soon
+as its own members are stored; neighbours are verified and stored like any member, and
+one that fails only fails itself (a read that was waiting for it fetches it again).  The
+window starts at ``window_min`` per layer, doubles up to ``window_max`` while demand
+misses stay near the end of the previous demand range (a sequential scan), and falls back
+to ``window_min`` on a miss elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import heapq
 import itertools
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from lazyd.api.messages import DIGEST_MISMATCH, FETCH_FAILED, ApiError
 from lazyd.cache.store import ChunkKey, ChunkStore
@@ -29,6 +43,10 @@ from lazyd.registry import RegistryClient, RegistryError
 log = logging.getLogger(__name__)
 
 PRIORITY_RANK = {"demand": 0, "prefetch": 1, "background": 2}
+_INLINE_STORE = 64 * 1024
+"""A demanded member up to this many compressed bytes is verified and stored on the event loop."""
+_BACK_FRACTION = 4
+"""A demand fetch's window reaches back 1/_BACK_FRACTION of itself before the demanded member."""
 
 
 class PriorityGate:
@@ -77,42 +95,116 @@ def coalesce(members: Iterable[Member], max_size: int | None) -> list[list[Membe
     return runs
 
 
+@dataclass
+class Trace:
+    """Timestamps (event-loop clock) of one demand fetch, for the per-hop debug log."""
+
+    start: float
+    planned: float = 0.0
+    gated: float = 0.0
+    first_byte: float = 0.0
+    stored: float = 0.0
+
+
+@dataclass
+class HopTimes:
+    """Cumulative seconds per hop of demand fetches (``count`` fetches that made a request)."""
+
+    count: int = 0
+    plan: float = 0.0        # store look-ups of the demanded members and their neighbours (thread)
+    gate: float = 0.0        # waiting for a request slot
+    first_byte: float = 0.0  # request sent -> first body bytes (RTT + registry)
+    stored: float = 0.0      # first body bytes -> demanded members verified, stored, waiters woken
+
+    def add(self, t: Trace) -> None:
+        self.count += 1
+        self.plan += t.planned - t.start
+        self.gate += t.gated - t.planned
+        self.first_byte += t.first_byte - t.gated
+        self.stored += t.stored - t.first_byte
+
+
 class Scheduler:
     """Fetches members of layers into the chunk store; see the module docstring."""
 
-    def __init__(self, client: RegistryClient, store: ChunkStore, max_concurrent: int, max_range_size: int) -> None:
+    def __init__(self, client: RegistryClient, store: ChunkStore, max_concurrent: int, max_range_size: int, *,
+                 window_min: int = 0, window_max: int = 0, background_share: int = 0,
+                 quiet: float = 2.0) -> None:
         self.client = client
         self.store = store
         self.max_range_size = max_range_size
         self.gate = PriorityGate(max_concurrent)
+        self.window_min = window_min
+        self.window_max = max(window_max, window_min)
+        self.background_share = background_share
+        self.quiet = quiet
         self._inflight: dict[tuple[str, int], asyncio.Future[None]] = {}
+        self._neighbours: set[tuple[str, int]] = set()  # in-flight members claimed as neighbours
+        self._windows: dict[str, tuple[int, int]] = {}  # layer -> (end of the last demand range, its window)
+        self._downloads: set[asyncio.Task[None]] = set()
         self._foreground = 0  # demand and prefetch fetches running
+        self._background = 0  # background fetches running
         self.foreground_idle = asyncio.Event()
         self.foreground_idle.set()
-        self.last_activity = asyncio.get_running_loop().time()  # see note_activity()
+        now = asyncio.get_running_loop().time()
+        self.last_activity = now  # see note_activity()
+        self.busy_since = now  # start of the current stretch of foreground activity
         self.fetch_requests = 0
         self.verify_errors = 0
+        self.neighbour_members = 0  # members fetched as neighbours of a demand fetch
+        self.neighbour_errors = 0
+        self.background_shared = 0  # background fetches admitted during sustained foreground activity
+        self.hops = HopTimes()
 
-    def note_activity(self) -> None:
-        """Record foreground activity now (a mount, a demand or prefetch fetch starting or ending)."""
-        self.last_activity = asyncio.get_running_loop().time()
+    def note_activity(self, idle_before: bool | None = None) -> None:
+        """Record foreground activity now (a mount, a demand or prefetch fetch starting or ending).
+
+        ``idle_before``: no foreground fetch ran just before this (default: none is running);
+        a pause of at least ``quiet`` seconds then starts a new stretch of activity.
+        """
+        now = asyncio.get_running_loop().time()
+        if idle_before is None:
+            idle_before = self._foreground == 0
+        if idle_before and now - self.last_activity >= self.quiet:
+            self.busy_since = now
+        self.last_activity = now
 
     async def wait_quiet(self, quiet: float) -> None:
         """Return once no demand or prefetch fetch is running and there has been no foreground
-        activity for ``quiet`` seconds: background fetch never competes with a starting container."""
+        activity for ``quiet`` seconds: background fetch does not compete with a starting container.
+
+        Under foreground activity that has gone on without such a pause for ``quiet`` seconds,
+        return as soon as fewer than ``background_share`` background fetches are running: the
+        background fetch keeps a share of the link during a long scan.
+        """
         loop = asyncio.get_running_loop()
         while True:
-            await self.foreground_idle.wait()
-            remaining = self.last_activity + quiet - loop.time()
+            if self.background_share <= 0:
+                await self.foreground_idle.wait()
+            now = loop.time()
+            remaining = self.last_activity + quiet - now
             if remaining <= 0 and self.foreground_idle.is_set():
                 return
+            if self.background_share > 0:
+                starved = now - self.busy_since >= quiet
+                if starved and self._background < self.background_share:
+                    self.background_shared += 1
+                    log.debug("background request admitted under %.1fs of sustained foreground activity",
+                              now - self.busy_since)
+                    return
+                remaining = min(remaining, 0.05) if starved else min(remaining, self.busy_since + quiet - now)
             await asyncio.sleep(max(remaining, 0.01))
 
     def is_stored(self, layer: Layer, member: Member) -> bool:
-        return all(self.store.has(ChunkKey(layer.digest, c.blob_offset, c.inner_offset)) for c in member.chunks)
+        return not self.missing(layer, [member])
 
     def missing(self, layer: Layer, members: Iterable[Member]) -> list[Member]:
-        return [m for m in members if not self.is_stored(layer, m)]
+        """The members not wholly in the store (one store query per 500 chunks)."""
+        members = list(members)
+        keys = [ChunkKey(layer.digest, c.blob_offset, c.inner_offset) for m in members for c in m.chunks]
+        have = self.store.stored(keys)
+        return [m for m in members
+                if not all(ChunkKey(layer.digest, c.blob_offset, c.inner_offset) in have for c in m.chunks)]
 
     async def fetch(self, layer: Layer, members: Iterable[Member], priority: str, max_range: int | None = -1) -> None:
         """Make every member's chunks present and verified in the store."""
@@ -121,45 +213,200 @@ class Scheduler:
         self.fetch_requests += 1
         foreground = priority != "background"
         if foreground:
+            idle_before = self._foreground == 0
             self._foreground += 1
             self.foreground_idle.clear()
-            self.note_activity()
+            self.note_activity(idle_before)
+        else:
+            self._background += 1
         try:
             wanted = {m.blob_offset: m for m in members}
+            if priority == "demand":
+                await self._demand(layer, list(wanted.values()), rank, limit)
+                return
             todo = await asyncio.to_thread(self.missing, layer, wanted.values())
             if not todo:
                 return
-            if priority == "demand":
+            await self.gate.acquire(rank)
+            try:
                 mine, others = self._claim(layer, todo)
                 if mine:
-                    await self._run(layer, mine, priority, rank, limit)
-            else:
-                await self.gate.acquire(rank)
-                try:
-                    mine, others = self._claim(layer, todo)
-                    if mine:
-                        await self._download(layer, mine, priority, limit)
-                finally:
-                    self.gate.release()
-            if others:
-                await asyncio.gather(*others)
+                    await self._download(layer, mine, priority, limit)
+            finally:
+                self.gate.release()
+            await self._await_others(layer, others, priority)
         finally:
             if foreground:
                 self._foreground -= 1
-                self.note_activity()
+                self.note_activity(False)
                 if self._foreground == 0:
                     self.foreground_idle.set()
+            else:
+                self._background -= 1
 
-    def _claim(self, layer: Layer, todo: list[Member]) -> tuple[list[Member], list[asyncio.Future[None]]]:
-        """Split into members this call fetches (futures registered) and in-flight ones to await."""
+    async def _demand(self, layer: Layer, wanted: list[Member], rank: int, limit: int | None) -> None:
+        """A demand fetch: the wanted members plus a window of neighbours in one streamed range;
+        returns once the wanted members are stored."""
+        loop = asyncio.get_running_loop()
+        trace = Trace(loop.time())
+        window = self._window(layer, min(m.blob_offset for m in wanted)) if wanted and self.window_max > 0 else 0
+        # One store query for the wanted members and their candidate neighbours: cheaper inline
+        # than a hop to a thread.
+        todo, extra = self._plan(layer, wanted, window)
+        trace.planned = loop.time()
+        if not todo:
+            return
+        mine, others = self._claim(layer, todo)
+        extra = self._claim_neighbours(layer, mine, extra)
+        if mine:
+            run = sorted(mine + extra, key=_offset)
+            self._windows[layer.digest] = (run[-1].blob_end, window)
+            futs = [self._inflight[(layer.digest, m.blob_offset)] for m in mine]
+            task = asyncio.ensure_future(self._run(layer, run, "demand", rank, limit, trace))
+            self._downloads.add(task)
+            task.add_done_callback(self._download_done)
+            await asyncio.gather(*futs)
+            trace.stored = loop.time()
+            trace.first_byte = trace.first_byte or trace.gated  # a multi-range request is not streamed
+            self.hops.add(trace)
+            log.debug("demand fetch of layer %s at %d: %d member(s) + %d neighbour(s), %d bytes: plan %.1f ms, "
+                      "gate %.1f ms, first byte %.1f ms, stored %.1f ms", layer.digest, mine[0].blob_offset, len(mine),
+                      len(extra), run[-1].blob_end - run[0].blob_offset,
+                      1e3 * (trace.planned - trace.start), 1e3 * (trace.gated - trace.planned),
+                      1e3 * (trace.first_byte - trace.gated), 1e3 * (trace.stored - trace.first_byte))
+        await self._await_others(layer, others, "demand")
+
+    async def drain(self) -> None:
+        """Wait until the demand downloads running now (and their neighbours) have ended."""
+        while self._downloads:
+            await asyncio.gather(*list(self._downloads), return_exceptions=True)
+
+    def _window(self, layer: Layer, start: int) -> int:
+        """The neighbour window of a demand fetch starting at ``start``: grows while demand misses
+        follow the previous demand range (a sequential scan), else starts again at ``window_min``."""
+        last = self._windows.get(layer.digest)
+        if last is None:
+            return self.window_min
+        last_end, window = last
+        if last_end - window <= start <= last_end + window:
+            return min(window * 2, self.window_max)
+        return self.window_min
+
+    def _plan(self, layer: Layer, wanted: list[Member], window: int) -> tuple[list[Member], list[Member]]:
+        """(missing wanted members, neighbours to fetch with them).
+
+        Neighbours follow the wanted members without a gap, are neither stored nor in flight,
+        and end at most ``window`` bytes after the first wanted member's start.
+        """
+        before: list[Member] = []  # nearest first
+        after: list[Member] = []
+        if window > 0 and wanted:
+            ordered = sorted(wanted, key=_offset)
+            start, end = ordered[0].blob_offset, ordered[-1].blob_end
+            members = layer.members
+            lo = start - window // _BACK_FRACTION
+            i = bisect.bisect_left(members, start, key=_offset) - 1
+            while i >= 0 and members[i].blob_end == start and members[i].blob_offset >= lo:
+                if (layer.digest, members[i].blob_offset) in self._inflight:
+                    break
+                before.append(members[i])
+                start = members[i].blob_offset
+                i -= 1
+            i = bisect.bisect_left(members, end, key=_offset)
+            while i < len(members) and members[i].blob_offset == end and members[i].blob_end - start <= window:
+                if (layer.digest, members[i].blob_offset) in self._inflight:
+                    break
+                after.append(members[i])
+                end = members[i].blob_end
+                i += 1
+        absent = {m.blob_offset for m in self.missing(layer, [*wanted, *before, *after])}
+        todo = sorted((m for m in wanted if m.blob_offset in absent), key=_offset)
+        if not todo or len(coalesce(todo, None)) != 1:
+            return todo, []
+        extra: list[Member] = []
+        for m in before:
+            if m.blob_offset not in absent or m.blob_end > todo[0].blob_offset:
+                break
+            extra.append(m)
+        extra.reverse()
+        for m in after:
+            if m.blob_offset not in absent or m.blob_offset < todo[-1].blob_end:
+                break
+            extra.append(m)
+        return todo, extra
+
+    def _claim_neighbours(self, layer: Layer, mine: list[Member], extra: list[Member]) -> list[Member]:
+        """Register futures for the neighbours that, with ``mine``, still make one run of
+        adjacent members not in flight; returns them in blob order."""
+        if not mine or not extra or len(coalesce(mine, None)) != 1:
+            return []
+        first, last = mine[0].blob_offset, mine[-1].blob_end
+        before = [m for m in extra if m.blob_end <= first]
+        after = [m for m in extra if m.blob_offset >= last]
+        keep_before: list[Member] = []
+        edge = first
+        for m in reversed(before):
+            if m.blob_end != edge or (layer.digest, m.blob_offset) in self._inflight:
+                break
+            keep_before.append(m)
+            edge = m.blob_offset
+        keep_after: list[Member] = []
+        edge = last
+        for m in after:
+            if m.blob_offset != edge or (layer.digest, m.blob_offset) in self._inflight:
+                break
+            keep_after.append(m)
+            edge = m.blob_end
+        claimed = [*reversed(keep_before), *keep_after]
+        loop = asyncio.get_running_loop()
+        for m in claimed:
+            key = (layer.digest, m.blob_offset)
+            fut = loop.create_future()
+            fut.add_done_callback(_consume)
+            self._inflight[key] = fut
+            self._neighbours.add(key)
+        self.neighbour_members += len(claimed)
+        return claimed
+
+    def _download_done(self, task: asyncio.Task[None]) -> None:
+        """A demand download ended; its errors already reached the waiters of its members."""
+        self._downloads.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.debug("demand download ended with %s", task.exception())
+
+    async def _await_others(self, layer: Layer, others: list[tuple[Member, asyncio.Future[None], bool]],
+                            priority: str) -> None:
+        """Wait for members other requests are fetching; a neighbour that failed is fetched again."""
+        if not others:
+            return
+        results = await asyncio.gather(*(f for _, f, _ in others), return_exceptions=True)
+        retry: list[Member] = []
+        for (m, _, neighbour), result in zip(others, results):
+            if isinstance(result, BaseException):
+                if not neighbour:
+                    raise result
+                self.neighbour_errors += 1
+                retry.append(m)
+        if retry:
+            todo = await asyncio.to_thread(self.missing, layer, retry)
+            mine, again = self._claim(layer, todo)
+            if mine:
+                await self._run(layer, mine, priority, PRIORITY_RANK[priority], self.max_range_size)
+            for _, fut, _ in again:
+                await fut
+
+    def _claim(self, layer: Layer, todo: list[Member]
+               ) -> tuple[list[Member], list[tuple[Member, asyncio.Future[None], bool]]]:
+        """Split into members this call fetches (futures registered) and in-flight ones to await
+        (with whether another demand fetch claimed them as neighbours)."""
         mine: list[Member] = []
-        others: list[asyncio.Future[None]] = []
+        others: list[tuple[Member, asyncio.Future[None], bool]] = []
         loop = asyncio.get_running_loop()
         for m in todo:
             key = (layer.digest, m.blob_offset)
             fut = self._inflight.get(key)
             if fut is not None:
-                others.append(fut)
+                others.append((m, fut, key in self._neighbours))
             elif self.is_stored(layer, m):
                 # Stored by a request that settled after our ``missing`` check ran in a thread.
                 continue
@@ -170,19 +417,23 @@ class Scheduler:
                 mine.append(m)
         return mine, others
 
-    async def _run(self, layer: Layer, mine: list[Member], priority: str, rank: int, limit: int | None) -> None:
+    async def _run(self, layer: Layer, mine: list[Member], priority: str, rank: int, limit: int | None,
+                   trace: Trace | None = None) -> None:
         try:
             await self.gate.acquire(rank)
         except BaseException as exc:
             self._settle(layer, mine, exc if isinstance(exc, Exception) else ApiError(FETCH_FAILED, "cancelled"))
             raise
+        if trace is not None:
+            trace.gated = asyncio.get_running_loop().time()
         try:
-            await self._download(layer, mine, priority, limit)
+            await self._download(layer, mine, priority, limit, trace)
         finally:
             self.gate.release()
 
     def _settle(self, layer: Layer, members: list[Member], error: BaseException | None) -> None:
         for m in members:
+            self._neighbours.discard((layer.digest, m.blob_offset))
             fut = self._inflight.pop((layer.digest, m.blob_offset), None)
             if fut is not None and not fut.done():
                 if error is None:
@@ -190,7 +441,8 @@ class Scheduler:
                 else:
                     fut.set_exception(error)
 
-    async def _download(self, layer: Layer, mine: list[Member], priority: str, limit: int | None) -> None:
+    async def _download(self, layer: Layer, mine: list[Member], priority: str, limit: int | None,
+                        trace: Trace | None = None) -> None:
         """One (multi-)range request for ``mine``; verify and store; settle their futures.
 
         A single range is streamed: each member is stored and its waiters released as soon
@@ -205,7 +457,10 @@ class Scheduler:
             counters.in_flight += 1
             try:
                 if len(runs) == 1:
-                    bad = await self._stream(layer, runs[0], priority)
+                    # Through the demanded members (after the neighbours before them): stored first.
+                    urgent = max((i + 1 for i, m in enumerate(runs[0])
+                                  if (layer.digest, m.blob_offset) not in self._neighbours), default=0)
+                    bad = await self._stream(layer, runs[0], priority, trace, urgent if trace is not None else 0)
                 else:
                     parts = await self.client.fetch_ranges(layer.ref, layer.digest, ranges)
                     counters.add_bytes(priority, sum(len(p) for p in parts))
@@ -231,8 +486,13 @@ class Scheduler:
             log.warning("%s", first.message)
             raise first
 
-    async def _stream(self, layer: Layer, run: list[Member], priority: str) -> dict[int, ApiError]:
-        """Stream one run of adjacent members; store and settle each as soon as it is complete."""
+    async def _stream(self, layer: Layer, run: list[Member], priority: str,
+                      trace: Trace | None = None, urgent: int = 0) -> dict[int, ApiError]:
+        """Stream one run of adjacent members; store and settle each as soon as it is complete.
+
+        The first ``urgent`` members (through a demand fetch's own) are stored on their own,
+        inline when small, so their reader does not wait for the neighbours that follow.
+        """
         bad: dict[int, ApiError] = {}
         ready: asyncio.Queue[tuple[list[Member], bytes] | None] = asyncio.Queue()
         buf = bytearray()
@@ -241,24 +501,32 @@ class Scheduler:
 
         async def sink(_pos: int, data: bytes) -> None:
             nonlocal buf_start, next_member
+            if trace is not None and not trace.first_byte:
+                trace.first_byte = asyncio.get_running_loop().time()
             buf.extend(data)
             first = next_member
             while next_member < len(run) and run[next_member].blob_end <= buf_start + len(buf):
                 next_member += 1
             if next_member > first:
-                cut = run[next_member - 1].blob_end - buf_start
-                ready.put_nowait((run[first:next_member], bytes(buf[:cut])))
-                del buf[:cut]
-                buf_start += cut
-                layer.counters.add_bytes(priority, cut)
+                bounds = [first, urgent, next_member] if first < urgent < next_member else [first, next_member]
+                for lo, hi in zip(bounds, bounds[1:]):
+                    cut = run[hi - 1].blob_end - buf_start
+                    ready.put_nowait((run[lo:hi], bytes(buf[:cut])))
+                    del buf[:cut]
+                    buf_start += cut
+                    layer.counters.add_bytes(priority, cut)
 
         async def store_ready() -> None:
             while (item := await ready.get()) is not None:
                 members, data = item
-                failed = await asyncio.to_thread(self._store, layer, [members], [data])
+                if members[0] is run[0] and urgent and len(data) <= _INLINE_STORE:
+                    failed = self._store(layer, [members], [data])  # the demanded member: no thread hop
+                else:
+                    failed = await asyncio.to_thread(self._store, layer, [members], [data])
                 bad.update(failed)
                 for m in members:
                     self._settle(layer, [m], failed.get(m.blob_offset))
+
 
         consumer = asyncio.create_task(store_ready())
         try:
@@ -272,6 +540,7 @@ class Scheduler:
     def _store(self, layer: Layer, runs: list[list[Member]], parts: list[bytes]) -> dict[int, ApiError]:
         """Decode, verify and store every chunk; returns the members (by offset) that failed."""
         bad: dict[int, ApiError] = {}
+        good: list[tuple[ChunkKey, bytes]] = []
         for run, data in zip(runs, parts):
             base = run[0].blob_offset
             view = memoryview(data)
@@ -285,8 +554,13 @@ class Scheduler:
                         layer.counters.verify_errors += 1
                         bad.setdefault(m.blob_offset, ApiError(DIGEST_MISMATCH, f"layer {layer.digest}: {exc}"))
                         continue
-                    self.store.put(ChunkKey(layer.digest, chunk.blob_offset, chunk.inner_offset), plain)
+                    good.append((ChunkKey(layer.digest, chunk.blob_offset, chunk.inner_offset), plain))
+        self.store.put_many(good)
         return bad
+
+
+def _offset(m: Member) -> int:
+    return m.blob_offset
 
 
 def _consume(fut: asyncio.Future[None]) -> None:

@@ -176,8 +176,12 @@ class ChunkReader:
                 found[key] = data
                 counters.cache_hits += 1
         if missing:
+            t0 = time.monotonic()
             with self._unlocked():
+                t1 = time.monotonic()
                 self._fetch(layer, missing)
+                t2 = time.monotonic()
+            t3 = time.monotonic()
             for key, ref in zip(keys, refs):
                 if key not in found:
                     data = self._load(key, ref)
@@ -185,6 +189,10 @@ class ChunkReader:
                         raise ChunkUnavailable(f"chunk at blob offset {key.blob_offset} of {layer} is not in the "
                                                "chunk store after the fetcher stored it (evicted?)")
                     found[key] = data
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("read miss of %d chunk(s) of %s: unlock %.2f ms, fetch %.2f ms, relock %.2f ms, "
+                          "load %.2f ms", len(missing), layer, 1e3 * (t1 - t0), 1e3 * (t2 - t1), 1e3 * (t3 - t2),
+                          1e3 * (time.monotonic() - t3))
         if loaded and self._readahead is not None:
             last = refs[-1]
             for ref in table.chunks(ino, last.file_offset + last.size, _READAHEAD_BYTES):
