@@ -179,3 +179,17 @@ def test_an_option_declared_outside_the_registry_is_refused() -> None:
 
     with pytest.raises(ValueError, match="declares --json itself"):
         build_parser("t", "test", ["tests.cli.rogue_cmd"])
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_lazyctl_log_level_configures_logging(before: bool) -> None:
+    """``lazyctl --log-level debug CMD`` (or after CMD) sets the root logger's level for the run."""
+    import subprocess
+    import sys
+
+    words = ["--log-level", "debug"]
+    argv = [*words, "layer", "inspect", "/nonexistent.esgz"] if before else ["layer", "inspect", "/nonexistent.esgz", *words]
+    code = (f"import logging, sys\nfrom lazyd.cli.lazyctl import main\nrc = main({argv!r})\n"
+            f"print(rc, logging.getLevelName(logging.getLogger().level))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["1", "DEBUG"], proc.stderr
