@@ -96,10 +96,12 @@ class PullService:
     """Runs pulls for the daemon; keeps one gRPC channel per containerd socket."""
 
     def __init__(self, registry: RegistryClient, registry_config: RegistryConfig,
-                 on_resolved: Callable[[Image], None], fallback_reason: FallbackReason) -> None:
+                 on_resolved: Callable[[Image], None], fallback_reason: FallbackReason,
+                 on_manifest: Callable[[Reference, list[Descriptor]], None] | None = None) -> None:
         self.registry = registry
         self.registry_config = registry_config
         self.on_resolved = on_resolved
+        self.on_manifest = on_manifest
         self.fallback_reason = fallback_reason
         self._channels: dict[str, object] = {}
         self._progress: dict[str, _Progress] = {}
@@ -131,7 +133,7 @@ class PullService:
             if channel is None:
                 channel = self._channels[args.address] = open_channel(args.address)
             async with DaemonSource(self.registry, self.registry_config, self.on_resolved, args.plain_http,
-                                    args.hosts_dir) as source, \
+                                    args.hosts_dir, self.on_manifest) as source, \
                     ContainerdClient(args.address, args.namespace, channel=channel) as containerd:  # type: ignore[arg-type]
                 puller = RemotePuller(containerd, source, args.snapshotter, observer=progress,
                                       fallback_reasons=self._reason)

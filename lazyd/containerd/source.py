@@ -26,7 +26,7 @@ from lazyd.registry.types import Image
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from lazyd.registry import RegistryClient
+    from lazyd.registry import Descriptor, RegistryClient
     from lazyd.registry.client import ProgressFn
 
 
@@ -94,17 +94,20 @@ class LazydSource:
 class DaemonSource:
     """Images resolved by lazyd's own registry client, for the ``pull`` op run inside lazyd.
 
-    ``on_resolved`` sees every resolved image (lazyd remembers it and starts opening its
-    eStargz layers before the snapshotter asks for them).  Whole blobs (layers pulled in
+    ``on_manifest`` sees the layers as soon as the manifest is in (lazyd starts opening its
+    eStargz layers then, before the config is fetched and before the snapshotter asks for
+    them); ``on_resolved`` sees every resolved image (lazyd remembers it).  Whole blobs (layers pulled in
     full) come from the same client, or, when the pull asked for plain HTTP or a hosts
     directory the daemon's configuration lacks, from a client with those added.
     """
 
     def __init__(self, registry: RegistryClient, registry_config: RegistryConfig,
-                 on_resolved: Callable[[Image], None], plain_http: bool = False, hosts_dir: str | None = None) -> None:
+                 on_resolved: Callable[[Image], None], plain_http: bool = False, hosts_dir: str | None = None,
+                 on_manifest: Callable[[Reference, list[Descriptor]], None] | None = None) -> None:
         self.registry = registry
         self.registry_config = registry_config
         self.on_resolved = on_resolved
+        self.on_manifest = on_manifest
         self.plain_http = plain_http
         self.hosts_dir = hosts_dir
         self.resolved_by = "lazyd"
@@ -124,7 +127,7 @@ class DaemonSource:
         from lazyd.registry.errors import RegistryError
 
         try:
-            image = await self.registry.resolve(ref)
+            image = await self.registry.resolve(ref, on_manifest=self.on_manifest)
         except RegistryError as exc:
             raise ResolveError(f"lazyd could not resolve {ref}: {exc}") from exc
         self.on_resolved(image)

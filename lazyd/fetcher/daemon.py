@@ -134,9 +134,7 @@ class Daemon:
         self.store = ChunkStore(self.root / "cache", cfg.cache_size)
         self.registry = RegistryClient(cfg.registry)
         self.layers = LayerTable(self.root, self.registry)
-        self.scheduler = Scheduler(self.registry, self.store, cfg.max_concurrent_requests, cfg.max_range_size,
-                                   window_min=cfg.demand_window_min, window_max=cfg.demand_window_max,
-                                   background_share=cfg.background_share, quiet=cfg.background_delay)
+        self.scheduler = Scheduler(self.registry, self.store, cfg.max_concurrent_requests, cfg.max_range_size)
         self.server = Server(cfg.socket, self._ops())
         await self.server.start()
         log.info("lazyd %s serving %s (root %s)", VERSION, cfg.socket, self.root)
@@ -587,11 +585,11 @@ class Daemon:
                 await asyncio.gather(self._pull_imports, return_exceptions=True)
             from lazyd.containerd.service import PullService
 
-            def resolved(image: Any) -> None:
-                self.layers.remember(image)
-                self.layers.warm(image, self.config.mount_timeout)
+            def manifest_in(ref: Reference, layers: Any) -> None:
+                self.layers.warm(ref, layers, self.config.mount_timeout)
 
-            self._pulls = PullService(self.registry, self.config.registry, resolved, self._last_fallback_reason)
+            self._pulls = PullService(self.registry, self.config.registry, self.layers.remember,
+                                      self._last_fallback_reason, manifest_in)
         return self._pulls
 
     def _last_fallback_reason(self, layer_digest: str) -> str | None:

@@ -17,6 +17,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from lazyd.estargz import (
 )
 from lazyd.fuse.inodes import InodeTable, InodeTableError
 from lazyd.registry import (
+    Descriptor,
     DigestMismatchError,
     Image,
     NotFoundError,
@@ -57,6 +59,7 @@ INODES_FILE = "inodes.msgpack"
 COUNTERS_FILE = "counters.json"
 PERSISTED_COUNTERS = ("demand_bytes", "prefetch_bytes", "background_bytes", "registry_requests", "verify_errors")
 RECENT_IMAGES = 64
+MAX_KNOWN_SIZES = 4096
 log = logging.getLogger(__name__)
 
 TAIL_SIZE = 64 * 1024
@@ -206,6 +209,7 @@ class LayerTable:
         self._parse_lock = asyncio.Lock()
         self._saved: dict[str, dict[str, int]] = {}  # counters as last written, by layer digest
         self._warming: set[asyncio.Future[Layer]] = set()  # opens started by warm(), kept referenced
+        self._sizes: dict[tuple[str, str, str], int] = {}  # (registry, repository, digest) -> size, from warm()
 
     def remember(self, image: Image) -> None:
         """Keep ``image`` (its ref is pinned to the manifest digest) for TOC-digest lookups."""
@@ -216,18 +220,23 @@ class LayerTable:
             while len(self._images) > RECENT_IMAGES:
                 self._images.popitem(last=False)
 
-    def warm(self, image: Image, timeout: float) -> None:
-        """Start opening every eStargz layer of ``image`` (just resolved) in the background.
+    def warm(self, ref: Reference, layers: Sequence[Descriptor], timeout: float) -> None:
+        """Start opening every eStargz layer in ``layers`` (of the manifest ``ref`` pins) in the background.
 
         The snapshotter's mounts, which follow a pull's resolve, then find the footer and
         TOC fetched (or on their way) instead of fetching them one Prepare after another.
         Failures are only logged: the mount that needs the layer opens it again and reports.
         """
-        for desc in image.layers:
+        for desc in layers:
+            if desc.size > 0:
+                self._sizes[(ref.registry, ref.repository, desc.digest)] = desc.size
+        if len(self._sizes) > MAX_KNOWN_SIZES:
+            self._sizes.clear()
+        for desc in layers:
             toc_digest = desc.annotations.get(ANNOTATION_TOC_DIGEST)
             if not toc_digest or desc.digest in self._layers or desc.digest in self._opening:
                 continue
-            task = asyncio.ensure_future(self.open(image.ref, desc.digest, str(toc_digest), timeout))
+            task = asyncio.ensure_future(self.open(ref, desc.digest, str(toc_digest), timeout))
             self._warming.add(task)
             task.add_done_callback(self._warmed)
 
@@ -285,6 +294,9 @@ class LayerTable:
 
     def _known_size(self, ref: Reference, digest: str) -> int | None:
         """The layer's size from a remembered manifest of ``ref``'s repository (saves a HEAD)."""
+        size = self._sizes.get((ref.registry, ref.repository, digest))
+        if size:
+            return size
         for (registry, repository, _), image in reversed(self._images.items()):
             if (registry, repository) == (ref.registry, ref.repository):
                 for desc in image.layers:

@@ -381,8 +381,13 @@ class RegistryClient:
                                     " (schema 1 manifests are not supported)")
         return body, media_type, actual
 
-    async def resolve(self, ref: Reference, platform: str | Platform | None = None) -> Image:
-        """Resolve ``ref`` to one platform's manifest and config (host platform by default)."""
+    async def resolve(self, ref: Reference, platform: str | Platform | None = None,
+                      on_manifest: Callable[[Reference, list[Descriptor]], None] | None = None) -> Image:
+        """Resolve ``ref`` to one platform's manifest and config (host platform by default).
+
+        ``on_manifest(ref pinned to the manifest digest, layers)`` is called as soon as the
+        manifest is in, before the config is fetched (lazyd starts opening layers then).
+        """
         body, media_type, digest = await self.get_manifest(ref)
         index: tuple[bytes, str, str] | None = None
         if media_type in INDEX_TYPES:
@@ -391,16 +396,21 @@ class RegistryClient:
             body, media_type, digest = await self.get_manifest(ref, child.digest)
             if media_type not in MANIFEST_TYPES:
                 raise ManifestError(f"index entry {child.digest} of {ref} is not an image manifest ({media_type})")
-        return await self._image(ref, body, media_type, digest, index)
+        return await self._image(ref, body, media_type, digest, index, on_manifest)
 
     async def _image(self, ref: Reference, body: bytes, media_type: str, digest: str,
-                     index: tuple[bytes, str, str] | None) -> Image:
+                     index: tuple[bytes, str, str] | None,
+                     on_manifest: Callable[[Reference, list[Descriptor]], None] | None = None) -> Image:
         """The image of manifest ``body``; ``index`` is (body, media type, digest) of the index it came from."""
         try:
             manifest = json.loads(body)
             config_desc = Descriptor.from_json(manifest.get("config"), f"manifest {digest} of {ref.name} config")
         except (ValueError, AttributeError):
             raise ManifestError(f"manifest {digest} of {ref.name} has no config descriptor") from None
+        if on_manifest is not None and isinstance(manifest.get("layers"), list):
+            where = f"manifest {digest} of {ref.name}"
+            layers = [Descriptor.from_json(d, f"{where} layer {i}") for i, d in enumerate(manifest["layers"])]
+            on_manifest(ref if ref.digest else ref.with_digest(digest), layers)
         config_bytes = await self.fetch_bytes(ref, config_desc.digest, max_size=MAX_MANIFEST_SIZE)
         return Image.from_raw(ref, body, media_type, digest, config_bytes, index)
 
