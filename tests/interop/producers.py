@@ -116,21 +116,23 @@ PRODUCERS: dict[str, Producer] = {
 
 
 def _tool_key(producer: str) -> str:
-    """What the output of ``producer`` depends on besides its input: the lazyd sources or the reference binaries."""
+    """What the output of ``producer`` depends on besides its input: lazyd's sources or the reference binary.
+
+    File contents, not mtimes: the reference tools are rebuilt (same bytes) by setup and fixtures.
+    """
     h = hashlib.sha256(producer.encode())
     if producer.startswith("lazyctl"):
         import lazyd
 
         pkg = Path(lazyd.__file__).parent
-        for path in sorted([*(pkg / "convert").glob("*.py"), *(pkg / "estargz").glob("*.py")]):
-            h.update(path.name.encode() + path.read_bytes())
+        files = sorted([*(pkg / "convert").glob("*.py"), *(pkg / "estargz").glob("*.py")])
     else:
-        for tool in ("ctr-remote", REFERENCE_BUILD):
-            found = shutil.which(tool)
-            if found is None:
-                raise RuntimeError(f"{tool} is not installed")
-            st = Path(found).stat()
-            h.update(f"{found}:{st.st_size}:{st.st_mtime_ns}".encode())
+        tool = shutil.which("ctr-remote") if producer.startswith("ctr-remote") else REFERENCE_BUILD
+        if tool is None or not Path(tool).exists():
+            raise RuntimeError(f"the tool behind {producer!r} is not installed")
+        files = [Path(tool)]
+    for path in files:
+        h.update(path.name.encode() + hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()[:16]
 
 

@@ -43,6 +43,8 @@ def _sha256(path: Path) -> str:
 def describe(root: Path, readers: int = 8) -> dict[str, Entry]:
     """path -> (type, mode bits, uid, gid, size, sha256, link target, rdev, xattrs) for everything under root.
 
+    For regular files "size" is (size, link count), so a hardlink that became a copy shows.
+
     Files are hashed by ``readers`` threads: on a lazy mount each first read waits for the
     registry, so reading many files at once is what keeps a big image's walk short.
     """
@@ -54,7 +56,7 @@ def describe(root: Path, readers: int = 8) -> dict[str, Entry]:
             st = path.lstat()
             digest = size = target = rdev = None
             if stat.S_ISREG(st.st_mode):
-                size = st.st_size
+                size = (st.st_size, st.st_nlink)
                 regular.append(path)
             elif stat.S_ISLNK(st.st_mode):
                 target = os.readlink(path)
