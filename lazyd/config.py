@@ -52,14 +52,19 @@ class DaemonConfig:
 
     background_share: int = 1
     """Background requests that may be in flight while foreground activity has gone on without a
-    ``background_delay`` pause for ``background_delay`` seconds (a long scan of a big layer), so
-    the background fetch keeps a share of the link; 0: background waits for a pause."""
+    ``background_delay`` pause for ``background_share_after`` seconds (a long scan of a big
+    layer), so the background fetch keeps a share of the link; 0: background waits for a pause."""
 
-    demand_window_min: int = 128 * 1024
+    background_share_after: float = 10.0
+    """Seconds of foreground activity without a ``background_delay`` pause before background
+    requests get their ``background_share``: longer than a container's start, which the
+    background fetch would slow down (measured: docs/design.md, "Small-file read path")."""
+
+    demand_window_min: int = 256 * 1024
     """Compressed bytes an on-demand fetch covers at least, counted from its first member: the
     members that follow in the blob come along in the same request (0: only what was asked)."""
 
-    demand_window_max: int = 1024 * 1024
+    demand_window_max: int = 2 * 1024 * 1024
     """Largest neighbour window; it doubles from ``demand_window_min`` while on-demand misses
     follow the previous on-demand range (sequential reads)."""
 
@@ -105,6 +110,7 @@ class DaemonConfig:
             ("max_concurrent_requests", self.max_concurrent_requests >= 1, "must be at least 1"),
             ("background_share", 0 <= self.background_share <= self.max_concurrent_requests,
              "must be between 0 and max_concurrent_requests"),
+            ("background_share_after", self.background_share_after >= 0, "must not be negative"),
             ("demand_window_min", 0 <= self.demand_window_min <= self.max_range_size,
              "must be between 0 and max_range_size"),
             ("demand_window_max", self.demand_window_min <= self.demand_window_max <= self.max_range_size,

@@ -134,7 +134,10 @@ class Daemon:
         self.store = ChunkStore(self.root / "cache", cfg.cache_size)
         self.registry = RegistryClient(cfg.registry)
         self.layers = LayerTable(self.root, self.registry)
-        self.scheduler = Scheduler(self.registry, self.store, cfg.max_concurrent_requests, cfg.max_range_size)
+        self.scheduler = Scheduler(self.registry, self.store, cfg.max_concurrent_requests, cfg.max_range_size,
+                                   window_min=cfg.demand_window_min, window_max=cfg.demand_window_max,
+                                   background_share=cfg.background_share, quiet=cfg.background_delay,
+                                   share_after=cfg.background_share_after)
         self.server = Server(cfg.socket, self._ops())
         await self.server.start()
         log.info("lazyd %s serving %s (root %s)", VERSION, cfg.socket, self.root)

@@ -10,7 +10,7 @@ its waiters released as soon as its bytes are in.  Registry requests pass a
 priority gate (demand, then prefetch, then background); background work also
 waits until no demand or prefetch fetch has run, and no mount has started, for
 ``background_delay`` seconds (``wait_quiet``) -- except that once foreground activity
-has gone on without such a pause for ``background_delay`` seconds, up to
+has gone on without such a pause for ``background_share_after`` seconds, up to
 ``background_share`` background requests may be in flight anyway, so a long scan of a
 big layer cannot starve the background fetch.
 
@@ -129,7 +129,7 @@ class Scheduler:
 
     def __init__(self, client: RegistryClient, store: ChunkStore, max_concurrent: int, max_range_size: int, *,
                  window_min: int = 0, window_max: int = 0, background_share: int = 0,
-                 quiet: float = 2.0) -> None:
+                 quiet: float = 2.0, share_after: float = 10.0) -> None:
         self.client = client
         self.store = store
         self.max_range_size = max_range_size
@@ -138,6 +138,7 @@ class Scheduler:
         self.window_max = max(window_max, window_min)
         self.background_share = background_share
         self.quiet = quiet
+        self.share_after = share_after
         self._inflight: dict[tuple[str, int], asyncio.Future[None]] = {}
         self._neighbours: set[tuple[str, int]] = set()  # in-flight members claimed as neighbours
         self._windows: dict[str, tuple[int, int]] = {}  # layer -> (end of the last demand range, its window)
@@ -173,9 +174,9 @@ class Scheduler:
         """Return once no demand or prefetch fetch is running and there has been no foreground
         activity for ``quiet`` seconds: background fetch does not compete with a starting container.
 
-        Under foreground activity that has gone on without such a pause for ``quiet`` seconds,
-        return as soon as fewer than ``background_share`` background fetches are running: the
-        background fetch keeps a share of the link during a long scan.
+        Under foreground activity that has gone on without such a pause for ``share_after``
+        seconds, return as soon as fewer than ``background_share`` background fetches are
+        running: the background fetch keeps a share of the link during a long scan.
         """
         loop = asyncio.get_running_loop()
         while True:
@@ -186,13 +187,14 @@ class Scheduler:
             if remaining <= 0 and self.foreground_idle.is_set():
                 return
             if self.background_share > 0:
-                starved = now - self.busy_since >= quiet
+                starved = now - self.busy_since >= self.share_after
                 if starved and self._background < self.background_share:
                     self.background_shared += 1
                     log.debug("background request admitted under %.1fs of sustained foreground activity",
                               now - self.busy_since)
                     return
-                remaining = min(remaining, 0.05) if starved else min(remaining, self.busy_since + quiet - now)
+                remaining = min(remaining, 0.05) if starved else min(remaining,
+                                                                     self.busy_since + self.share_after - now)
             await asyncio.sleep(max(remaining, 0.01))
 
     def is_stored(self, layer: Layer, member: Member) -> bool:

@@ -197,7 +197,8 @@ def test_walk_of_many_file_layer_keeps_background_fetch_going(
     walk takes about a full download plus a walk of a cached layer, not 10,000 round trips."""
     layer = manyfiles.layers[0]
     d = daemon_factory(extra="background_delay = 0.5\ndemand_window_min = 0\ndemand_window_max = 0\n"
-                             "background_share = 1\nbackground_batch_size = 1048576\nprefetch = false").start()
+                             "background_share = 1\nbackground_share_after = 0.5\nbackground_batch_size = 1048576\n"
+                             "prefetch = false").start()
     ref = via(manyfiles.ref, proxy)
     t0 = time.monotonic()
     with urllib.request.urlopen(f"http://{proxy.host}/v2/manyfiles/blobs/{layer.digest}") as resp:
@@ -229,6 +230,7 @@ def test_window_and_share_config_is_validated() -> None:
     for bad, key in (({"demand_window_min": -1}, "demand_window_min"),
                      ({"demand_window_min": 1 << 20, "demand_window_max": 1 << 19}, "demand_window_max"),
                      ({"demand_window_max": 32 << 20}, "demand_window_max"),
-                     ({"background_share": 9}, "background_share")):
+                     ({"background_share": 9}, "background_share"),
+                     ({"background_share_after": -1.0}, "background_share_after")):
         with pytest.raises(ConfigError, match=f"config key {key}"):
             DaemonConfig(**bad)
