@@ -459,10 +459,9 @@ class Scheduler:
             counters.in_flight += 1
             try:
                 if len(runs) == 1:
-                    # Through the demanded members (after the neighbours before them): stored first.
-                    urgent = max((i + 1 for i, m in enumerate(runs[0])
-                                  if (layer.digest, m.blob_offset) not in self._neighbours), default=0)
-                    bad = await self._stream(layer, runs[0], priority, trace, urgent if trace is not None else 0)
+                    own = [i for i, m in enumerate(runs[0]) if (layer.digest, m.blob_offset) not in self._neighbours]
+                    urgent = (own[0], own[-1] + 1) if trace is not None and own else None
+                    bad = await self._stream(layer, runs[0], priority, trace, urgent)
                 else:
                     parts = await self.client.fetch_ranges(layer.ref, layer.digest, ranges)
                     counters.add_bytes(priority, sum(len(p) for p in parts))
@@ -488,13 +487,15 @@ class Scheduler:
             log.warning("%s", first.message)
             raise first
 
-    async def _stream(self, layer: Layer, run: list[Member], priority: str,
-                      trace: Trace | None = None, urgent: int = 0) -> dict[int, ApiError]:
+    async def _stream(self, layer: Layer, run: list[Member], priority: str, trace: Trace | None = None,
+                      urgent: tuple[int, int] | None = None) -> dict[int, ApiError]:
         """Stream one run of adjacent members; store and settle each as soon as it is complete.
 
-        The first ``urgent`` members (through a demand fetch's own) are stored on their own,
-        inline when small, so their reader does not wait for the neighbours that follow.
+        ``urgent`` (a demand fetch's own members, ``run[lo:hi]``) are stored apart from their
+        neighbours, on the event loop as soon as their bytes are in when small (no queue, no
+        thread hop), so their reader waits for neither neighbours nor a thread.
         """
+        lo_urgent, hi_urgent = urgent or (0, 0)
         bad: dict[int, ApiError] = {}
         ready: asyncio.Queue[tuple[list[Member], bytes] | None] = asyncio.Queue()
         buf = bytearray()
@@ -510,25 +511,27 @@ class Scheduler:
             while next_member < len(run) and run[next_member].blob_end <= buf_start + len(buf):
                 next_member += 1
             if next_member > first:
-                bounds = [first, urgent, next_member] if first < urgent < next_member else [first, next_member]
+                bounds = sorted({first, next_member} | {b for b in (lo_urgent, hi_urgent) if first < b < next_member})
                 for lo, hi in zip(bounds, bounds[1:]):
                     cut = run[hi - 1].blob_end - buf_start
-                    ready.put_nowait((run[lo:hi], bytes(buf[:cut])))
+                    data = bytes(buf[:cut])
                     del buf[:cut]
                     buf_start += cut
                     layer.counters.add_bytes(priority, cut)
+                    if lo_urgent <= lo and hi <= hi_urgent and len(data) <= _INLINE_STORE:
+                        settle(run[lo:hi], self._store(layer, [run[lo:hi]], [data]))
+                    else:
+                        ready.put_nowait((run[lo:hi], data))
+
+        def settle(members: list[Member], failed: dict[int, ApiError]) -> None:
+            bad.update(failed)
+            for m in members:
+                self._settle(layer, [m], failed.get(m.blob_offset))
 
         async def store_ready() -> None:
             while (item := await ready.get()) is not None:
                 members, data = item
-                if members[0] is run[0] and urgent and len(data) <= _INLINE_STORE:
-                    failed = self._store(layer, [members], [data])  # the demanded member: no thread hop
-                else:
-                    failed = await asyncio.to_thread(self._store, layer, [members], [data])
-                bad.update(failed)
-                for m in members:
-                    self._settle(layer, [m], failed.get(m.blob_offset))
-
+                settle(members, await asyncio.to_thread(self._store, layer, [members], [data]))
 
         consumer = asyncio.create_task(store_ready())
         try:
