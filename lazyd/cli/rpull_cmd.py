@@ -117,6 +117,8 @@ def _pull_in_lazyd(args: argparse.Namespace, bar: "Progress", show: bool) -> dic
     error = reply.get("error") if isinstance(reply.get("error"), dict) else {}
     if error.get("code") == "unknown_op":
         return None  # an older lazyd: rpull does the work and asks it to resolve
+    if error.get("code") == "unavailable" and os.path.exists(request["address"]):
+        return None  # lazyd cannot reach the containerd socket this process sees (another mount namespace)
     raise _LazydRefused(str(error.get("message") or f"malformed reply from lazyd: {str(reply)[:200]}"))
 
 
