@@ -232,13 +232,15 @@ class LayerTable:
                 self._sizes[(ref.registry, ref.repository, desc.digest)] = desc.size
         if len(self._sizes) > MAX_KNOWN_SIZES:
             self._sizes.clear()
+        below: asyncio.Future[Layer] | None = None
         for desc in layers:
             toc_digest = desc.annotations.get(ANNOTATION_TOC_DIGEST)
             if not toc_digest or desc.digest in self._layers or desc.digest in self._opening:
                 continue
-            task = asyncio.ensure_future(self.open(ref, desc.digest, str(toc_digest), timeout))
+            task = asyncio.ensure_future(self.open(ref, desc.digest, str(toc_digest), timeout, parse_after=below))
             self._warming.add(task)
             task.add_done_callback(self._warmed)
+            below = task
 
     def _warmed(self, task: asyncio.Future[Layer]) -> None:
         self._warming.discard(task)
@@ -269,8 +271,14 @@ class LayerTable:
                     continue
                 self._saved[layer.digest] = totals
 
-    async def open(self, ref: Reference, digest: str, toc_digest: str | None, timeout: float) -> Layer:
-        """The layer, fetching and verifying its footer and TOC if it is not open yet."""
+    async def open(self, ref: Reference, digest: str, toc_digest: str | None, timeout: float,
+                   parse_after: asyncio.Future[Layer] | None = None) -> Layer:
+        """The layer, fetching and verifying its footer and TOC if it is not open yet.
+
+        ``parse_after``: parse this TOC only once that open has ended (``warm`` parses the
+        layers of an image bottom-up, so the first layer a pull mounts is not held up
+        behind an upper layer whose smaller TOC arrived first).
+        """
         layer = self.get(digest)
         if layer is not None:
             if toc_digest is not None and toc_digest != layer.meta.toc_digest:
@@ -279,14 +287,15 @@ class LayerTable:
             return layer
         pending = self._opening.get(digest)
         if pending is None:
-            pending = asyncio.ensure_future(self._open(ref, digest, toc_digest, timeout))
+            pending = asyncio.ensure_future(self._open(ref, digest, toc_digest, timeout, parse_after))
             self._opening[digest] = pending
             pending.add_done_callback(lambda _f: self._opening.pop(digest, None))
         return await asyncio.shield(pending)
 
-    async def _open(self, ref: Reference, digest: str, toc_digest: str | None, timeout: float) -> Layer:
+    async def _open(self, ref: Reference, digest: str, toc_digest: str | None, timeout: float,
+                    parse_after: asyncio.Future[Layer] | None = None) -> Layer:
         try:
-            return await asyncio.wait_for(self._fetch_toc(ref, digest, toc_digest), timeout)
+            return await asyncio.wait_for(self._fetch_toc(ref, digest, toc_digest, parse_after), timeout)
         except asyncio.TimeoutError:
             raise ApiError("timeout", f"opening layer {digest} of {ref} took longer than {timeout}s") from None
         except RegistryError as exc:
@@ -317,7 +326,8 @@ class LayerTable:
                 return str(value)
         raise ApiError(NOT_FOUND, f"layer {digest} is not in the manifest of {ref}")
 
-    async def _fetch_toc(self, ref: Reference, digest: str, toc_digest: str | None) -> Layer:
+    async def _fetch_toc(self, ref: Reference, digest: str, toc_digest: str | None,
+                         parse_after: asyncio.Future[Layer] | None = None) -> Layer:
         if toc_digest is None:
             toc_digest = await self._toc_digest_from_manifest(ref, digest)
         blob_size = self._known_size(ref, digest) or await self.client.blob_size(ref, digest)
@@ -339,6 +349,8 @@ class LayerTable:
             (head,) = await self.client.fetch_ranges(ref, digest, [(footer.toc_offset, tail_start - footer.toc_offset)])
             counters.registry_requests += 1
             member = head + tail[: toc_end - tail_start]
+        if parse_after is not None:
+            await asyncio.wait([parse_after])  # its outcome is its own mount's business
         started = time.monotonic()
         try:
             async with self._parse_lock:
