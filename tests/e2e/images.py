@@ -174,22 +174,7 @@ def add_opaque_layer(layout: Path, tag: str) -> None:
         add("var/log", tarfile.DIRTYPE, mode=0o755)
         add("var/log/.wh..wh..opq", tarfile.REGTYPE, mode=0o644)
         add("var/log/fresh.log", tarfile.REGTYPE, b"fresh\n")
-    raw = buf.getvalue()
-    compressed = gzip.compress(raw, mtime=0)
-    digest, manifest = manifest_of(layout, tag)
-    config = json.loads(_blob(layout, manifest["config"]["digest"]).read_text())
-    ldigest, lsize = _put(layout, compressed)
-    config["rootfs"]["diff_ids"].append("sha256:" + hashlib.sha256(raw).hexdigest())
-    config.setdefault("history", []).append({"created_by": "lazyd e2e: opaque /var/log"})
-    cdigest, csize = _put(layout, json.dumps(config, separators=(",", ":")).encode())
-    manifest["config"] = {**manifest["config"], "digest": cdigest, "size": csize}
-    manifest["layers"].append({"mediaType": OCI_LAYER_GZIP, "digest": ldigest, "size": lsize})
-    mdigest, msize = _put(layout, json.dumps(manifest, separators=(",", ":")).encode())
-    index = json.loads((layout / "index.json").read_text())
-    for desc in index["manifests"]:
-        if desc.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag:
-            desc.update(digest=mdigest, size=msize)
-    (layout / "index.json").write_text(json.dumps(index))
+    add_layer(layout, tag, buf.getvalue(), "lazyd e2e: opaque /var/log")
 
 
 def reference_builder_with(*args: str) -> LayerBuilder:

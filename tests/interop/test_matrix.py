@@ -45,10 +45,7 @@ IDS = [re.sub(r"[^a-z0-9]+", "-", p.lower()).strip("-") + "@" + s for p, s in IM
 
 
 def _layer_count(layout: Path) -> int:
-    """The layer count of ``layout:latest`` from its manifest, checked against its config's diff IDs.
-
-    (``umoci stat`` panics on history entries without ``created``, which add_opaque_layer writes.)
-    """
+    """The layer count of ``layout:latest`` from its manifest, checked against its config's diff IDs."""
     _, manifest = manifest_of(layout, "latest")
     config = json.loads((layout / "blobs/sha256" / manifest["config"]["digest"].split(":")[1]).read_text())
     assert len(config["rootfs"]["diff_ids"]) == len(manifest["layers"]), layout
