@@ -106,24 +106,6 @@ class Trace:
     stored: float = 0.0
 
 
-@dataclass
-class HopTimes:
-    """Cumulative seconds per hop of demand fetches (``count`` fetches that made a request)."""
-
-    count: int = 0
-    plan: float = 0.0        # store look-ups of the demanded members and their neighbours (thread)
-    gate: float = 0.0        # waiting for a request slot
-    first_byte: float = 0.0  # request sent -> first body bytes (RTT + registry)
-    stored: float = 0.0      # first body bytes -> demanded members verified, stored, waiters woken
-
-    def add(self, t: Trace) -> None:
-        self.count += 1
-        self.plan += t.planned - t.start
-        self.gate += t.gated - t.planned
-        self.first_byte += t.first_byte - t.gated
-        self.stored += t.stored - t.first_byte
-
-
 class Scheduler:
     """Fetches members of layers into the chunk store; see the module docstring."""
 
@@ -155,7 +137,6 @@ class Scheduler:
         self.neighbour_members = 0  # members fetched as neighbours of a demand fetch
         self.neighbour_errors = 0
         self.background_shared = 0  # background fetches admitted during sustained foreground activity
-        self.hops = HopTimes()
 
     def note_activity(self, idle_before: bool | None = None) -> None:
         """Record foreground activity now (a mount, a demand or prefetch fetch starting or ending).
@@ -270,7 +251,6 @@ class Scheduler:
             await asyncio.gather(*futs)
             trace.stored = loop.time()
             trace.first_byte = trace.first_byte or trace.gated  # a multi-range request is not streamed
-            self.hops.add(trace)
             log.debug("demand fetch of layer %s at %d: %d member(s) + %d neighbour(s), %d bytes: plan %.1f ms, "
                       "gate %.1f ms, first byte %.1f ms, stored %.1f ms", layer.digest, mine[0].blob_offset, len(mine),
                       len(extra), run[-1].blob_end - run[0].blob_offset,
