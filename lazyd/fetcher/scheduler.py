@@ -277,8 +277,9 @@ class Scheduler:
     def _plan(self, layer: Layer, wanted: list[Member], window: int) -> tuple[list[Member], list[Member]]:
         """(missing wanted members, neighbours to fetch with them).
 
-        Neighbours follow the wanted members without a gap, are neither stored nor in flight,
-        and end at most ``window`` bytes after the first wanted member's start.
+        Neighbours adjoin the wanted members without a gap, are neither stored nor in flight,
+        and the whole run spans at most ``window`` bytes, at most a quarter of it before the
+        wanted members.
         """
         before: list[Member] = []  # nearest first
         after: list[Member] = []
