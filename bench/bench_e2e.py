@@ -1,20 +1,44 @@
 #!/usr/bin/env python3
-"""HelloBench-style time to first output of ``python3 -c "print('hello')"`` in debian+python3.
+"""HelloBench-style end to end: lazyd and the reference stargz-snapshotter on the same eStargz images.
 
-Clients, each in a fresh containerd (and snapshotter) root on a tmpfs, pulling through a
-throttled, byte-counting link (``tests/support/netem.py``: htb rate on the registry's port
-plus a delay-line proxy for the RTT):
+Every image variant is pulled and run by BOTH systems, on the same blobs:
 
-* ``baseline``: ``ctr images pull`` + ``ctr run`` on overlayfs (plain gzip image);
-* ``stargz``:  the reference ``containerd-stargz-grpc`` + ``ctr-remote images rpull`` + ``ctr run``;
-* ``lazyd``:   ``lazyd serve`` + ``lazyd snapshotter`` + ``lazyctl rpull`` + ``ctr run``.
+* ``lazyctl``:       ``lazyctl image convert`` of the plain debian+python3 image;
+* ``lazyctl-prio``:  the same with ``--prioritized`` (the files the workload opens, from ``strace``
+  of it in a chroot of the unpacked image);
+* ``ctr-remote``:    ``ctr-remote image convert --estargz --oci``;
+* ``optimize``:      ``ctr-remote image optimize --oci`` (it runs the workload and records what it
+  reads), made from a copy of the image whose upper layers carry their parent directories
+  (``tests.e2e.images.with_parent_dirs``): on umoci's layers, without them, the reference drops
+  every recorded file under a parent it does not find in the same layer.
 
-The lazy clients run on eStargz images without and with prioritized files (the files python3
-opens at start-up, found with strace in a chroot of the unpacked image).  Pull time is the
-pull command's wall time, run time is from starting ``ctr run`` to the line ``hello``;
-bytes and range GETs are counted at the proxy up to that line.  Rounds alternate the clients.
+The systems: ``lazyd`` (``lazyd serve`` + ``lazyd snapshotter`` + ``lazyctl rpull``) and
+``reference`` (``containerd-stargz-grpc`` + ``ctr-remote images rpull``), each in a fresh
+containerd root on a tmpfs for every run, pulling through a throttled, request-counting link
+(``tests/support/netem.py``: htb rate on the registry's port + a delay-line proxy for the RTT).
 
-Run as root:  python3 bench/bench_e2e.py --link 200mbit:10 --rounds 2
+Checks before anything is timed: each prioritized variant's TOCs hold every listed file before
+the ``.prefetch.landmark`` (for ``optimize``: every path of its ``--record-out`` record; the
+count is printed), else the bench stops. After every run, a run in which any layer was not
+mounted lazily is refused (named, left out of the tables, exit status 1): for lazyd from
+``rpull --json``'s per-layer modes and ``lazyctl status --json``; for the reference from its FUSE
+mounts and ``remote-snapshot-prepared`` log lines; for both, no layer blob in containerd's
+content store (``tests/interop/consumers.py``).
+
+Per run: pull wall time; time from starting ``ctr run --rm`` to its first output line; wall time
+of ``ctr run --rm``; bytes and HTTP requests through the proxy from the start of the pull to the
+first output line. Rounds interleave the variants and alternate which system goes first.
+Prints markdown tables (medians, lazyd / reference ratios per variant and link) and writes
+``bench/results/e2e-<workload>-<UTC time>.{md,json,png}``.
+
+From a clean clone, as root (``scripts/setup`` installs everything, matplotlib comes with the
+venv's test extras):
+
+    scripts/setup && /opt/lazyd/venv/bin/python bench/bench_e2e.py --rounds 3
+
+Options: ``--link 200mbit:10`` (repeatable; default both 200mbit:10 and 50mbit:40),
+``--workload heavy`` (18 stdlib imports; default hello), ``--variants lazyctl,optimize``.
+The qdisc on ``lo`` is removed on exit, also on errors and SIGTERM.
 """
 
 from __future__ import annotations
@@ -33,12 +57,15 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lazyd.mounttable import unmount_below  # noqa: E402
+from tests.e2e.images import with_parent_dirs  # noqa: E402
+from tests.interop.consumers import content_digests, fuse_mounts_below, lazyd_fallbacks, stargz_report  # noqa: E402
+from tests.interop.oci import raw_toc, read_image  # noqa: E402
 from tests.support.containerd import Containerd, start_containerd  # noqa: E402
 from tests.support.images import debian_python_layout, push  # noqa: E402
 from tests.support.lazyd import start_lazyd, start_snapshotter  # noqa: E402
@@ -57,6 +84,10 @@ WORKLOADS = {
               "concurrent.futures, multiprocessing, pydoc; print(\"hello\")"),
 }
 PROXY_SNAPSHOTTER = "lazyd"  # the name start_containerd gives its proxy plugin (whichever daemon serves it)
+SYSTEMS = ("lazyd", "reference")
+VARIANTS = ("lazyctl", "lazyctl-prio", "ctr-remote", "optimize")
+LANDMARK = ".prefetch.landmark"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class BenchError(RuntimeError):
@@ -139,15 +170,18 @@ def lazyd_stack(root: Path, settings: dict[str, str] | None = None) -> Iterator[
 
 
 @contextmanager
-def stargz_stack(root: Path) -> Iterator[Containerd]:
-    """The reference ``containerd-stargz-grpc`` (empty config) + containerd, registered as proxy ``lazyd``."""
+def stargz_stack(root: Path) -> Iterator[tuple[Containerd, Proc]]:
+    """The reference ``containerd-stargz-grpc`` (empty config) + containerd, registered as proxy ``lazyd``.
+
+    Logs at debug level: its ``remote-snapshot-prepared`` lines (the fallback check) are debug lines.
+    """
     with ExitStack() as stack:
         root.mkdir(parents=True, exist_ok=True)
         config = root / "stargz.toml"
         config.write_text("")
         sock = root / "stargz.sock"
         proc = Proc([STARGZ_GRPC, "-address", str(sock), "-root", str(root / "stargz"), "-config", str(config),
-                     "-log-level", "info"], root / "stargz.log")
+                     "-log-level", "debug"], root / "stargz.log")
 
         def stop() -> None:
             proc.stop()
@@ -158,11 +192,12 @@ def stargz_stack(root: Path) -> Iterator[Containerd]:
             raise BenchError(f"containerd-stargz-grpc exited:\n{proc.log_text()[-3000:]}")
         cd = start_containerd(root / "containerd", snapshotter_address=str(sock))
         stack.callback(cd.stop)
-        yield cd
+        yield cd, proc
 
 
 @contextmanager
 def plain_stack(root: Path) -> Iterator[Containerd]:
+    """containerd alone (overlayfs), for converting with ``ctr-remote``."""
     with ExitStack() as stack:
         cd = start_containerd(root / "containerd")
         stack.callback(cd.stop)
@@ -250,58 +285,94 @@ def startup_files(layout: Path, work: Path) -> list[str]:
 # --- images ----------------------------------------------------------------------------------
 
 
+def _clean(name: str) -> str:
+    """A TOC or record path as a clean relative name (``./usr/bin/`` -> ``usr/bin``)."""
+    return os.path.normpath("/" + name).lstrip("/")
+
+
+def prioritized_entries(ref: str) -> tuple[list[int], set[str]]:
+    """(regular files before ``.prefetch.landmark`` per layer, names of all entries before it) of ``ref``."""
+    image = read_image(ref)
+    counts, names = [], set()
+    for layer in image.layers:
+        entries = json.loads(raw_toc(ref, layer))["entries"]
+        marks = [i for i, e in enumerate(entries) if _clean(e["name"]) == LANDMARK]
+        before = entries[:marks[0]] if marks else []
+        counts.append(sum(1 for e in before if e["type"] == "reg"))
+        names |= {_clean(e["name"]) for e in before}
+    return counts, names
+
+
+def verify_prioritized(variant: str, ref: str, listed: list[str]) -> str:
+    """Check that every path of ``listed`` is before a landmark in ``ref``'s layers; returns a summary line."""
+    counts, names = prioritized_entries(ref)
+    wanted = {_clean(p) for p in listed}
+    missing = sorted(wanted - names)
+    if missing:
+        raise BenchError(f"{variant} ({ref}): {len(missing)} of the {len(wanted)} listed paths are not among the "
+                         f"prioritized entries (before {LANDMARK}) of any layer, e.g. {missing[:8]}; per-layer "
+                         f"prioritized regular files: {counts}")
+    return (f"{variant}: {sum(counts)} prioritized regular files before {LANDMARK} (per layer {counts}); "
+            f"all {len(wanted)} listed paths among them")
+
+
+def record_paths(record: Path) -> list[str]:
+    """The paths of a ``ctr-remote image optimize --record-out`` record (JSON lines with a ``path``)."""
+    out = []
+    for n, line in enumerate(record.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line)["path"])
+            except (ValueError, KeyError) as err:
+                raise BenchError(f"{record}:{n}: not a record line with a path ({err}): {line[:200]}") from None
+    if not out:
+        raise BenchError(f"{record}: `ctr-remote image optimize` recorded no file")
+    return out
+
+
 @dataclass
 class Images:
-    plain: str
-    lazyd: str
-    lazyd_prio: str
-    stargz: str
-    stargz_prio: str | None
-    notes: list[str]
+    refs: dict[str, str]        # variant -> ref on the registry (not through the proxy)
+    notes: list[str] = field(default_factory=list)
 
 
-def prepare_images(reg: Registry, work: Path, files: list[str], skip_optimize: bool) -> Images:
-    """Push the plain image and make the eStargz variants, all under ``debian-python:*`` on ``reg``."""
-    notes: list[str] = []
+def prepare_images(reg: Registry, work: Path, files: list[str], variants: list[str]) -> Images:
+    """Push the plain image and make the eStargz ``variants`` under ``debian-python:*`` on ``reg``, checked."""
+    imgs = Images({})
     layout = debian_python_layout()
     plain = push(f"oci:{layout}:latest", reg.host, "debian-python:plain")
     prio_file = work / "prioritized.txt"
     prio_file.write_text("".join(f"{f}\n" for f in files))
-    lazyd, lazyd_prio = f"{reg.host}/debian-python:lazyd", f"{reg.host}/debian-python:lazyd-prio"
-    sh("lazyctl", "image", "convert", "--plain-http", "--json", plain, lazyd)
-    sh("lazyctl", "image", "convert", "--plain-http", "--json", "--prioritized", prio_file, plain, lazyd_prio)
-    stargz, stargz_prio = f"{reg.host}/debian-python:stargz", f"{reg.host}/debian-python:stargz-prio"
+    if "lazyctl" in variants:
+        imgs.refs["lazyctl"] = f"{reg.host}/debian-python:lazyctl"
+        sh("lazyctl", "image", "convert", "--plain-http", "--json", plain, imgs.refs["lazyctl"], timeout=1800)
+    if "lazyctl-prio" in variants:
+        imgs.refs["lazyctl-prio"] = f"{reg.host}/debian-python:lazyctl-prio"
+        sh("lazyctl", "image", "convert", "--plain-http", "--json", "--prioritized", prio_file, plain,
+           imgs.refs["lazyctl-prio"], timeout=1800)
+        imgs.notes.append(verify_prioritized("lazyctl-prio", imgs.refs["lazyctl-prio"], files))
+    if not {"ctr-remote", "optimize"} & set(variants):
+        return imgs
+    # ctr-remote 0.12.0 has no --plain-http for optimize: content into a local containerd, push after.
     with plain_stack(work / "convert") as cd:
-        cd.ctr("images", "pull", "--plain-http", plain)
-        cd.ctr_remote("image", "convert", "--estargz", "--oci", plain, stargz, timeout=900)
-        cd.ctr("images", "push", "--plain-http", stargz)
-        record = work / "record.json"
-        prio_ref: str | None = None
-        if not skip_optimize:
-            opt = cd.ctr_remote("image", "optimize", "--oci", "--period", "5", "--record-out", str(record),
-                                "--entrypoint", json.dumps([CMD[0]]), "--args", json.dumps(list(CMD[1:])),
-                                plain, stargz_prio, check=False, timeout=900)
-            if opt.returncode == 0:
-                cd.ctr("images", "push", "--plain-http", stargz_prio)
-                prio_ref = stargz_prio
-                notes.append("stargz-prio: made by `ctr-remote image optimize`")
-            else:
-                err = (opt.stderr.strip().splitlines() or ["?"])[-1]
-                notes.append(f"`ctr-remote image optimize` failed: {err[:300]}")
-        if prio_ref is None:
-            # Same list as lazyd's, in optimize's record format, through convert --estargz-record-in.
-            record.write_text("".join(json.dumps({"path": f}) + "\n" for f in files))
-            conv = cd.ctr_remote("image", "convert", "--estargz", "--oci", "--estargz-record-in", str(record),
-                                 plain, stargz_prio, check=False, timeout=900)
-            if conv.returncode == 0:
-                cd.ctr("images", "push", "--plain-http", stargz_prio)
-                prio_ref = stargz_prio
-                notes.append("stargz-prio: `ctr-remote image convert --estargz --oci --estargz-record-in` "
-                             "with the strace list")
-            else:
-                err = (conv.stderr.strip().splitlines() or ["?"])[-1]
-                notes.append(f"`ctr-remote image convert --estargz-record-in` failed too: {err[:300]}")
-    return Images(plain, lazyd, lazyd_prio, stargz, prio_ref, notes)
+        if "ctr-remote" in variants:
+            ref = imgs.refs["ctr-remote"] = f"{reg.host}/debian-python:ctr-remote"
+            cd.ctr("content", "fetch", "--plain-http", plain, timeout=600)
+            cd.ctr_remote("image", "convert", "--estargz", "--oci", plain, ref, timeout=1800)
+            cd.ctr("images", "push", "--plain-http", ref, timeout=600)
+        if "optimize" in variants:
+            parents = with_parent_dirs(layout, "latest", work / "parents-layout")
+            src = push(parents, reg.host, "debian-python:parents")
+            shutil.rmtree(work / "parents-layout")
+            ref = imgs.refs["optimize"] = f"{reg.host}/debian-python:optimize"
+            record = work / "optimize-record.json"
+            cd.ctr("content", "fetch", "--plain-http", src, timeout=600)
+            cd.ctr_remote("image", "optimize", "--oci", "--period", "10", "--record-out", str(record),
+                          "--entrypoint", json.dumps(list(CMD[:1])), "--args", json.dumps(list(CMD[1:])),
+                          src, ref, timeout=1800)
+            cd.ctr("images", "push", "--plain-http", ref, timeout=600)
+            imgs.notes.append(verify_prioritized("optimize", ref, record_paths(record)))
+    return imgs
 
 
 # --- one measured run ------------------------------------------------------------------------
@@ -309,18 +380,25 @@ def prepare_images(reg: Registry, work: Path, files: list[str], skip_optimize: b
 
 @dataclass
 class Result:
-    client: str
-    image: str
-    pull: float
-    run: float
-    bytes_down: int
-    pull_bytes: int
-    range_gets: int
+    link: str
+    variant: str
+    system: str
+    round: int
+    pull: float           # pull command's wall time
+    first_output: float   # from starting `ctr run --rm` to its first stdout line
+    run: float            # wall time of `ctr run --rm`
+    bytes_first: int      # bytes from the registry, pull start .. first output line
+    requests_first: int   # HTTP requests to the registry, pull start .. first output line
     load: str
 
     @property
     def total(self) -> float:
-        return self.pull + self.run
+        """Pull plus time to the first output line: what a user waits for."""
+        return self.pull + self.first_output
+
+
+class Refused(BenchError):
+    """A run in which some layer was not served lazily."""
 
 
 def via(proxy: TCPProxy, ref: str) -> str:
@@ -328,182 +406,227 @@ def via(proxy: TCPProxy, ref: str) -> str:
     return proxy.host + "/" + ref.split("/", 1)[1]
 
 
-def _time_to_hello(cd: Containerd, ref: str, name: str, snapshotter: str | None) -> float:
-    argv = ["ctr", "--address", cd.address, "--namespace", "default", "run", "--rm"]
-    if snapshotter:
-        argv += ["--snapshotter", snapshotter]
-    argv += [ref, name, *CMD]
+def _run_to_output(cd: Containerd, ref: str, name: str, proxy: TCPProxy) -> tuple[float, float, int, int]:
+    """``ctr run --rm`` the workload: (seconds to first line, seconds to exit, bytes and requests by then)."""
+    argv = ["ctr", "--address", cd.address, "--namespace", "default", "run", "--rm", "--snapshotter",
+            PROXY_SNAPSHOTTER, ref, name, *CMD]
     start = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    seen = None
     assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.strip() == "hello" and seen is None:
-            seen = time.monotonic() - start
-    _, err = proc.communicate(timeout=120)
-    if seen is None or proc.returncode != 0:
-        raise BenchError(f"{' '.join(argv)} exited {proc.returncode} without 'hello':\n{err[-3000:]}")
-    return seen
+    first = proc.stdout.readline()
+    seen = time.monotonic() - start
+    at_first = proxy.bytes_down, len(proxy.requests())
+    rest, err = proc.communicate(timeout=300)
+    wall = time.monotonic() - start
+    if proc.returncode != 0 or "hello" not in first + rest:
+        raise BenchError(f"{' '.join(argv)} exited {proc.returncode} without 'hello':\n{(first + rest)[-500:]}"
+                         f"{err[-3000:]}")
+    return seen, wall, *at_first
 
 
-def measure(client: str, image_label: str, ref: str, proxy: TCPProxy, work: Path, n: int,
-            settings: dict[str, str] | None = None) -> Result:
-    """One cold pull + run of ``ref`` (a ref on the proxy) by ``client`` in a fresh root under ``work``."""
-    root = work / f"run{n}-{client}-{image_label}"
+def measure(system: str, variant: str, ref: str, proxy: TCPProxy, work: Path, n: int, link: str, rnd: int,
+            settings: dict[str, str]) -> Result:
+    """One cold pull + run of ``ref`` (a ref on the proxy) by ``system`` in a fresh root; refused on a fallback."""
+    root = work / f"run{n}-{system}-{variant}"
     root.mkdir()
-    name = f"hello{n}"
+    name = f"bench{n}"
     ld = load()
+    digests = [layer["digest"] for layer in read_image(ref).layers]
     try:
-        if client == "baseline":
-            with plain_stack(root) as cd:
+        if system == "lazyd":
+            # What --plain-http tells the reference: no TLS probe of the registry first.
+            with lazyd_stack(root, {**settings, "registry": f'{{plain_http = ["{proxy.host}"]}}'}) as (cd, sock):
                 proxy.reset()
                 t0 = time.monotonic()
-                cd.ctr("images", "pull", "--plain-http", ref)
+                pulled = json.loads(sh("lazyctl", "rpull", "--plain-http", "--json", "--address", cd.address,
+                                       "--snapshotter", PROXY_SNAPSHOTTER, "--socket", sock, ref))
                 pull = time.monotonic() - t0
-                pull_bytes = proxy.bytes_down
-                run = _time_to_hello(cd, ref, name, None)
-                down, ranges = proxy.bytes_down, len(proxy.range_requests())
-        elif client == "stargz":
-            with stargz_stack(root) as cd:
+                first, wall, nbytes, nreq = _run_to_output(cd, ref, name, proxy)
+                status = json.loads(sh("lazyctl", "status", "--json", "--socket", sock))
+                fallbacks = lazyd_fallbacks(digests, pulled, status, content_digests(cd, "default"))
+        elif system == "reference":
+            with stargz_stack(root) as (cd, proc):
                 proxy.reset()
                 t0 = time.monotonic()
-                cd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", PROXY_SNAPSHOTTER, ref)
+                cd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", PROXY_SNAPSHOTTER, ref, timeout=600)
                 pull = time.monotonic() - t0
-                pull_bytes = proxy.bytes_down
-                run = _time_to_hello(cd, ref, name, PROXY_SNAPSHOTTER)
-                down, ranges = proxy.bytes_down, len(proxy.range_requests())
-        elif client == "lazyd":
-            # What --plain-http tells the other clients: no TLS probe of the registry first.
-            daemon_settings = {**(settings or {}), "registry": f'{{plain_http = ["{proxy.host}"]}}'}
-            with lazyd_stack(root, daemon_settings) as (cd, sock):
-                proxy.reset()
-                t0 = time.monotonic()
-                sh("lazyctl", "rpull", "--plain-http", "--address", cd.address, "--snapshotter", PROXY_SNAPSHOTTER,
-                   "--socket", sock, ref)
-                pull = time.monotonic() - t0
-                pull_bytes = proxy.bytes_down
-                run = _time_to_hello(cd, ref, name, PROXY_SNAPSHOTTER)
-                down, ranges = proxy.bytes_down, len(proxy.range_requests())
+                first, wall, nbytes, nreq = _run_to_output(cd, ref, name, proxy)
+                # Fresh root: every FUSE mount under it is this pull's.
+                fallbacks = stargz_report(digests, fuse_mounts_below(root), proc.log_text(), "default",
+                                          content_digests(cd, "default")).fallbacks
         else:
-            raise BenchError(f"unknown client {client!r}")
+            raise BenchError(f"unknown system {system!r}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    label = client + ("[" + ",".join(f"{k}={v}" for k, v in settings.items()) + "]" if settings else "")
-    return Result(label, image_label, pull, run, down, pull_bytes, ranges, ld)
+    if fallbacks:
+        raise Refused(f"{system} on {variant} ({link}, round {rnd + 1}): {len(fallbacks)} of {len(digests)} layers "
+                      "not lazy: " + " | ".join(fallbacks))
+    return Result(link, variant, system, rnd + 1, pull, first, wall, nbytes, nreq, ld)
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+                      *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def medians(results: list[Result]) -> dict[tuple[str, str, str], dict[str, float]]:
+    """Per (link, variant, system): medians of every measure, and n."""
+    groups: dict[tuple[str, str, str], list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.link, r.variant, r.system), []).append(r)
+    return {k: {"n": len(v), "pull": statistics.median(r.pull for r in v),
+                "first": statistics.median(r.first_output for r in v), "run": statistics.median(r.run for r in v),
+                "total": statistics.median(r.total for r in v),
+                "mb": statistics.median(r.bytes_first for r in v) / 1e6,
+                "req": statistics.median(r.requests_first for r in v)} for k, v in groups.items()}
+
+
+def report(results: list[Result], links: list[str], variants: list[str]) -> str:
+    med = medians(results)
+    rows, ratios = [], []
+    for link in links:
+        for variant in variants:
+            for system in SYSTEMS:
+                m = med.get((link, variant, system))
+                if m:
+                    rows.append([link, variant, system, str(m["n"]), f"{m['pull']:.2f}", f"{m['first']:.2f}",
+                                 f"{m['run']:.2f}", f"{m['total']:.2f}", f"{m['mb']:.1f}", f"{m['req']:.0f}"])
+            a, b = med.get((link, variant, "lazyd")), med.get((link, variant, "reference"))
+            if a and b:
+                ratios.append([link, variant, *(f"{a[k] / b[k]:.2f}" if b[k] else "-"
+                                                for k in ("total", "pull", "first", "run", "mb", "req"))])
+    return ("Medians per link, variant and system (first output: from starting `ctr run --rm`; pull + first: "
+            "what a user waits for; MB and requests: through the registry link from the pull's start to the "
+            "first output line)\n\n"
+            + md_table(["link", "variant", "system", "n", "pull s", "first output s", "ctr run s", "pull + first s",
+                        "MB to first output", "requests to first output"], rows)
+            + "\n\nlazyd / reference (below 1: lazyd is faster or fetched less)\n\n"
+            + md_table(["link", "variant", "pull + first", "pull", "first output", "ctr run", "MB", "requests"],
+                       ratios))
+
+
+def chart(results: list[Result], links: list[str], variants: list[str], path: Path, title: str) -> None:
+    """Bars of median pull + time to first output per variant, lazyd beside the reference, one panel per link."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    med = medians(results)
+    fig, axes = plt.subplots(1, len(links), figsize=(5.5 * len(links), 4.2), squeeze=False)
+    width = 0.38
+    for ax, link in zip(axes[0], links):
+        for j, (system, colour) in enumerate(zip(SYSTEMS, ("tab:blue", "tab:orange"))):
+            xs = [i + (j - 0.5) * width for i in range(len(variants))]
+            pulls = [med.get((link, v, system), {}).get("pull", 0.0) for v in variants]
+            firsts = [med.get((link, v, system), {}).get("first", 0.0) for v in variants]
+            ax.bar(xs, pulls, width, color=colour, alpha=0.45, label=f"{system}: pull")
+            ax.bar(xs, firsts, width, bottom=pulls, color=colour, label=f"{system}: run to first output")
+        ax.set_xticks(range(len(variants)), variants, rotation=15)
+        ax.set_ylabel("seconds (median)")
+        ax.set_title(link)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 # --- main ------------------------------------------------------------------------------------
 
 
-def table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    fmt = "  ".join(f"{{:{'<' if i < 2 else '>'}{w}}}" for i, w in enumerate(widths))
-    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths)),
-                      *(fmt.format(*r) for r in rows)])
-
-
-def summarize(results: list[Result], title: str) -> str:
-    groups: dict[tuple[str, str], list[Result]] = {}
-    for r in results:
-        groups.setdefault((r.client, r.image), []).append(r)
-    med: dict[tuple[str, str], float] = {k: statistics.median(x.total for x in v) for k, v in groups.items()}
-    base = med.get(("baseline", "plain"))
-    ref_unopt = med.get(("stargz", "stargz"))
-    ref_opt = med.get(("stargz", "stargz-prio"))
-    rows = []
-    for (client, image), rs in groups.items():
-        tot = med[(client, image)]
-        ref = ref_opt if image.endswith("prio") and ref_opt else ref_unopt
-        rows.append([client, image, str(len(rs)),
-                     f"{statistics.median(r.pull for r in rs):.2f}", f"{statistics.median(r.run for r in rs):.2f}",
-                     f"{tot:.2f}", f"{statistics.median(r.bytes_down for r in rs) / 1e6:.2f}",
-                     f"{statistics.median(r.pull_bytes for r in rs) / 1e6:.2f}",
-                     f"{statistics.median(r.range_gets for r in rs):.0f}",
-                     f"{tot / base:.3f}" if base else "-", f"{tot / ref:.2f}" if ref else "-",
-                     " | ".join(r.load for r in rs)])
-    header = ["client", "image", "n", "pull s", "run s", "total s", "fetched MB", "in pull MB", "range GETs", "x baseline",
-              "x stargz", "load avg (1/5/15) per run"]
-    return f"{title}\n{table(rows, header)}"
+def parse_links(specs: list[str]) -> list[tuple[str, float]]:
+    """``RATE:RTT_MS`` strings -> (rate, rtt seconds); bad ones are refused by name."""
+    out = []
+    for spec in specs:
+        m = re.fullmatch(r"(\d+(?:\.\d+)?[kmg]?bit):(\d+(?:\.\d+)?)", spec)
+        if not m:
+            raise SystemExit(f"--link {spec!r}: expected RATE:RTT_MS such as 200mbit:10")
+        out.append((m.group(1), float(m.group(2)) / 1000))
+    return out
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--link", action="append", default=None,
                     help="RATE:RTT_MS, repeatable (default 200mbit:10 and 50mbit:40)")
-    ap.add_argument("--rounds", type=int, default=1, help="runs of every client per link (alternated)")
-    ap.add_argument("--clients", default="baseline,stargz,stargz-prio,lazyd,lazyd-prio",
-                    help="comma-separated subset of baseline,stargz,stargz-prio,lazyd,lazyd-prio,"
-                         "lazyd-nobg,lazyd-prio-nobg (background_fetch = false),lazyd-prio-wait "
-                         "(prefetch_wait = true),lazyd-on-stargz,stargz-on-lazyd")
-    ap.add_argument("--skip-optimize", action="store_true", help="do not try `ctr-remote image optimize`")
-    ap.add_argument("--json", type=Path, help="also write every run as JSON here")
+    ap.add_argument("--rounds", type=int, default=3, help="cold runs of every variant by every system per link")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="hello",
                     help="hello: print('hello'); heavy: import 18 stdlib modules, then print hello")
     ap.add_argument("--lazyd-set", action="append", default=[], metavar="KEY=TOML",
-                    help="extra top-level lazyd config for every lazyd client, repeatable")
+                    help="extra top-level lazyd config for every lazyd run, repeatable")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="where the .md, .json and .png go (default bench/results)")
     args = ap.parse_args()
     global CMD
     CMD = WORKLOADS[args.workload]
-    extra = dict(kv.split("=", 1) for kv in args.lazyd_set)
+    variants = args.variants.split(",")
+    if bad := [v for v in variants if v not in VARIANTS]:
+        raise SystemExit(f"--variants: unknown {bad}; known: {', '.join(VARIANTS)}")
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
+    if bad := [kv for kv in args.lazyd_set if "=" not in kv]:
+        raise SystemExit(f"--lazyd-set: expected KEY=TOML, got {bad}")
+    settings = dict(kv.split("=", 1) for kv in args.lazyd_set)
+    links = parse_links(args.link or ["200mbit:10", "50mbit:40"])
+    link_names = [f"{rate} {rtt * 1000:.0f}ms" for rate, rtt in links]
     if os.geteuid() != 0:
         print("run as root (tc, mounts, containerd)", file=sys.stderr)
         return 2
-    links = [(l.split(":")[0], float(l.split(":")[1]) / 1000) for l in (args.link or ["200mbit:10", "50mbit:40"])]
-    wanted = args.clients.split(",")
-    all_results: list[Result] = []
-    with signals_as_exit(), tmpfs() as work, ExitStack() as stack:
-        reg = start_registry(work, name="registry")
-        stack.callback(reg.stop)
-        t0 = time.monotonic()
-        files = startup_files(debian_python_layout(), work)
-        imgs = prepare_images(reg, work, files, args.skip_optimize)
-        print(f"# images ready in {time.monotonic() - t0:.0f}s; {len(files)} start-up files prioritized")
-        for note in imgs.notes:
-            print(f"# {note}")
-        nobg = {"background_fetch": "false"}
-        plan: dict[str, tuple[str, str, str | None, dict[str, str] | None]] = {
-            "baseline": ("baseline", "plain", imgs.plain, None),
-            "stargz": ("stargz", "stargz", imgs.stargz, None),
-            "stargz-prio": ("stargz", "stargz-prio", imgs.stargz_prio, None),
-            "lazyd": ("lazyd", "lazyd", imgs.lazyd, None),
-            "lazyd-prio": ("lazyd", "lazyd-prio", imgs.lazyd_prio, None),
-            "lazyd-nobg": ("lazyd", "lazyd", imgs.lazyd, nobg),
-            "lazyd-prio-nobg": ("lazyd", "lazyd-prio", imgs.lazyd_prio, nobg),
-            "lazyd-prio-wait": ("lazyd", "lazyd-prio", imgs.lazyd_prio, {"prefetch_wait": "true"}),
-            "lazyd-on-stargz": ("lazyd", "stargz", imgs.stargz, None),
-            "stargz-on-lazyd": ("stargz", "lazyd", imgs.lazyd, None),
-        }
-        n = 0
-        for rate, rtt in links:
-            results: list[Result] = []
-            with throttled_proxy(reg.port, rate, rtt) as proxy:
-                for rnd in range(args.rounds):
-                    order = wanted if rnd % 2 == 0 else list(reversed(wanted))
-                    for key in order:
-                        client, label, ref, settings = plan[key]
-                        if client == "lazyd" and extra:
-                            settings = {**(settings or {}), **extra}
-                        if ref is None:
-                            print(f"# skip {key}: no image", flush=True)
-                            continue
-                        n += 1
-                        try:
-                            r = measure(client, label, via(proxy, ref), proxy, work, n, settings)
-                        except (BenchError, subprocess.SubprocessError, TimeoutError, RuntimeError) as err:
-                            print(f"# {key} FAILED: {str(err)[:1500]}", flush=True)
-                            continue
-                        print(f"# {rate} {rtt * 1000:.0f}ms {key}: pull {r.pull:.2f}s run {r.run:.2f}s "
-                              f"total {r.total:.2f}s {r.bytes_down / 1e6:.2f} MB ({r.pull_bytes / 1e6:.2f} in pull) "
-                              f"{r.range_gets} ranges "
-                              f"load {r.load}", flush=True)
-                        results.append(r)
-            all_results += results
-            print(summarize(results, f"\n## {rate}, {rtt * 1000:.0f} ms RTT (medians; ratios are of totals; "
-                                     "x stargz compares with the reference on the same kind of image)"))
-            print()
-    if args.json:
-        args.json.write_text(json.dumps([r.__dict__ | {"total": r.total} for r in all_results], indent=1))
-    return 0
+    started, stamp = time.monotonic(), time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    results: list[Result] = []
+    refused: list[str] = []
+    print(f"# load average at start: {load()} ({os.cpu_count()} cores)", flush=True)
+    try:
+        with signals_as_exit(), tmpfs() as work, ExitStack() as stack:
+            reg = start_registry(work, name="registry")
+            stack.callback(reg.stop)
+            t0 = time.monotonic()
+            files = startup_files(debian_python_layout(), work)
+            imgs = prepare_images(reg, work, files, variants)
+            print(f"# images ready in {time.monotonic() - t0:.0f}s; strace found {len(files)} start-up files "
+                  f"({args.workload})", flush=True)
+            for note in imgs.notes:
+                print(f"# {note}", flush=True)
+            n = 0
+            for (rate, rtt), link in zip(links, link_names):
+                with throttled_proxy(reg.port, rate, rtt) as proxy:
+                    for rnd in range(args.rounds):
+                        order = variants[rnd % len(variants):] + variants[:rnd % len(variants)]
+                        for i, variant in enumerate(order):
+                            systems = SYSTEMS if (rnd + i) % 2 == 0 else tuple(reversed(SYSTEMS))
+                            for system in systems:
+                                n += 1
+                                try:
+                                    r = measure(system, variant, via(proxy, imgs.refs[variant]), proxy, work, n,
+                                                link, rnd, settings)
+                                except Refused as err:
+                                    refused.append(str(err))
+                                    print(f"# REFUSED {err}", flush=True)
+                                    continue
+                                results.append(r)
+                                print(f"# {link} round {rnd + 1} {variant} {system}: pull {r.pull:.2f}s first output "
+                                      f"{r.first_output:.2f}s ctr run {r.run:.2f}s {r.bytes_first / 1e6:.1f} MB "
+                                      f"{r.requests_first} requests; load {r.load}", flush=True)
+    finally:
+        subprocess.run(["tc", "qdisc", "del", "dev", "lo", "root"], capture_output=True)  # also after a crash
+    wall = time.monotonic() - started
+    text = (f"# bench_e2e: {args.workload} workload, {args.rounds} rounds, {stamp}\n\n{report(results, link_names, variants)}"
+            f"\n\nbench wall time {wall / 60:.1f} min; load average at the end {load()} ({os.cpu_count()} cores)\n"
+            + "".join(f"\n# {note}" for note in imgs.notes)
+            + "".join(f"\nREFUSED: {r}" for r in refused) + "\n")
+    print("\n" + text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    base = args.out / f"e2e-{args.workload}-{stamp}"
+    base.with_suffix(".md").write_text(text)
+    base.with_suffix(".json").write_text(json.dumps([asdict(r) | {"total": r.total} for r in results], indent=1))
+    chart(results, link_names, variants, base.with_suffix(".png"),
+          f"bench_e2e {args.workload}: median pull + median time to first output, {args.rounds} rounds ({stamp})")
+    print(f"# wrote {base}.md, .json and .png")
+    return 1 if refused else 0
 
 
 if __name__ == "__main__":

@@ -40,12 +40,14 @@ class PullReport:
     run_output: str = ""
 
 
-def _content_digests(cd: Containerd, namespace: str) -> set[str]:
+def content_digests(cd: Containerd, namespace: str) -> set[str]:
+    """Digests in ``namespace`` of containerd's content store (a lazily pulled layer's blob is never there)."""
     out = cd.ctr("content", "ls", "-q", namespace=namespace).stdout
     return {line.strip() for line in out.splitlines() if line.strip()}
 
 
-def _fuse_mounts_below(root: Path) -> set[str]:
+def fuse_mounts_below(root: Path) -> set[str]:
+    """Mount points of FUSE file systems under ``root``."""
     prefix = str(root.resolve()) + "/"
     with open("/proc/self/mountinfo") as f:
         rows = [line.split() for line in f]
@@ -55,6 +57,68 @@ def _fuse_mounts_below(root: Path) -> set[str]:
         if fstype.startswith("fuse") and row[4].startswith(prefix):
             out.add(row[4])
     return out
+
+
+def lazyd_fallbacks(digests: list[str], rpull_result: dict, status: dict, downloaded: set[str]) -> list[str]:
+    """One line per layer of ``digests`` that lazyd did not serve lazily, from ``lazyctl rpull --json``'s
+    per-layer modes, ``lazyctl status --json`` (fallback record, mounts) and the content store."""
+    mounted = {m["layer_digest"] for m in status["mounts"]}
+    recorded = {f["layer_digest"]: f["reason"] for f in status["fallbacks"]}
+    modes = {layer["digest"]: layer for layer in rpull_result["layers"]}
+    out = []
+    for digest in digests:
+        layer = modes.get(digest)
+        problems = []
+        if layer is None or layer["mode"] != "lazy":
+            problems.append(f"rpull mode {layer and layer['mode']} ({layer and layer.get('reason')})")
+        if digest in recorded:
+            problems.append(f"lazyd recorded a fallback: {recorded[digest]}")
+        if digest not in mounted:
+            problems.append("no lazyd mount")
+        if digest in downloaded:
+            problems.append("blob downloaded into containerd")
+        if problems:
+            out.append(f"{digest[:19]}: " + "; ".join(problems))
+    return out
+
+
+def stargz_prepared(log_text: str, namespace: str) -> tuple[int, list[str]]:
+    """(successes, failure messages) of remote snapshot preparation that containerd-stargz-grpc logged
+    (at ``-log-level debug``) for ``namespace``."""
+    ok, failed = 0, []
+    for line in log_text.splitlines():
+        if "remote-snapshot-prepared" not in line:
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = {"msg": line, "remote-snapshot-prepared": "true" if
+                   re.search(r'remote-snapshot-prepared="?true', line) else "false", "key": line}
+        if not str(rec.get("key", "")).startswith(f"{namespace}/"):
+            continue
+        if str(rec.get("remote-snapshot-prepared")) == "true":
+            ok += 1
+        else:
+            failed.append(f"{rec.get('msg')}: {rec.get('error')}")
+    return ok, failed
+
+
+def stargz_report(digests: list[str], new_mounts: set[str], log_text: str, namespace: str,
+                  downloaded: set[str]) -> PullReport:
+    """Lazy layers and fallbacks of a reference pull of an image with layers ``digests``: its new FUSE
+    mounts, its ``remote-snapshot-prepared`` log lines and the content store."""
+    ok, failed = stargz_prepared(log_text, namespace)
+    report = PullReport(layers=len(digests), lazy=0)
+    report.fallbacks += [f"reference log: {msg}" for msg in failed]
+    report.fallbacks += [f"{digest[:19]}: blob downloaded into containerd" for digest in digests
+                         if digest in downloaded]
+    if not report.fallbacks:
+        # Every layer prepared remotely and none downloaded: the new FUSE mounts are the lazy layers.
+        report.lazy = min(len(new_mounts), ok)
+    if report.lazy != report.layers and not report.fallbacks:
+        report.fallbacks.append(f"{len(new_mounts)} new FUSE mounts and {ok} remote snapshots for "
+                                f"{report.layers} layers")
+    return report
 
 
 class LazydConsumer:
@@ -80,28 +144,8 @@ class LazydConsumer:
     def pull(self, image: Image, namespace: str) -> PullReport:
         result = self.stack.rpull(image.ref, namespace=namespace)
         digests = [layer["digest"] for layer in image.layers]
-        status = self.stack.status()
-        mounted = {m["layer_digest"] for m in status["mounts"]}
-        recorded = {f["layer_digest"]: f["reason"] for f in status["fallbacks"]}
-        downloaded = _content_digests(self.containerd, namespace)
-        report = PullReport(layers=len(digests), lazy=0)
-        modes = {layer["digest"]: layer for layer in result["layers"]}
-        for digest in digests:
-            layer = modes.get(digest)
-            problems = []
-            if layer is None or layer["mode"] != "lazy":
-                problems.append(f"rpull mode {layer and layer['mode']} ({layer and layer.get('reason')})")
-            if digest in recorded:
-                problems.append(f"lazyd recorded a fallback: {recorded[digest]}")
-            if digest not in mounted:
-                problems.append("no lazyd mount")
-            if digest in downloaded:
-                problems.append("blob downloaded into containerd")
-            if problems:
-                report.fallbacks.append(f"{digest[:19]}: " + "; ".join(problems))
-            else:
-                report.lazy += 1
-        return report
+        fallbacks = lazyd_fallbacks(digests, result, self.stack.status(), content_digests(self.containerd, namespace))
+        return PullReport(layers=len(digests), lazy=len(digests) - len(fallbacks), fallbacks=fallbacks)
 
     def run(self, ref: str, namespace: str, name: str, cmd: list[str]) -> str:
         return self.containerd.ctr("run", "--rm", "--snapshotter", self.snapshotter, ref, name, *cmd,
@@ -152,44 +196,13 @@ class StargzConsumer:
         assert self.cd is not None
         return self.cd
 
-    def _prepared(self, namespace: str) -> tuple[int, list[str]]:
-        """(successes, failure messages) of remote snapshot preparation logged for ``namespace``."""
-        assert self.proc is not None
-        ok, failed = 0, []
-        for line in self.proc.log_text().splitlines():
-            if "remote-snapshot-prepared" not in line:
-                continue
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                rec = {"msg": line, "remote-snapshot-prepared": "true" if
-                       re.search(r'remote-snapshot-prepared="?true', line) else "false", "key": line}
-            if not str(rec.get("key", "")).startswith(f"{namespace}/"):
-                continue
-            if str(rec.get("remote-snapshot-prepared")) == "true":
-                ok += 1
-            else:
-                failed.append(f"{rec.get('msg')}: {rec.get('error')}")
-        return ok, failed
-
     def pull(self, image: Image, namespace: str) -> PullReport:
-        before = _fuse_mounts_below(self.root)
+        before = fuse_mounts_below(self.root)
         self.containerd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", self.snapshotter, image.ref,
                                    namespace=namespace)
-        new_mounts = _fuse_mounts_below(self.root) - before
-        ok, failed = self._prepared(namespace)
-        downloaded = _content_digests(self.containerd, namespace)
-        report = PullReport(layers=len(image.layers), lazy=0)
-        report.fallbacks += [f"reference log: {msg}" for msg in failed]
-        report.fallbacks += [f"{layer['digest'][:19]}: blob downloaded into containerd" for layer in image.layers
-                             if layer["digest"] in downloaded]
-        if not report.fallbacks:
-            # Every layer prepared remotely and none downloaded: the new FUSE mounts are the lazy layers.
-            report.lazy = min(len(new_mounts), ok)
-        if report.lazy != report.layers and not report.fallbacks:
-            report.fallbacks.append(f"{len(new_mounts)} new FUSE mounts and {ok} remote snapshots for "
-                                    f"{report.layers} layers")
-        return report
+        assert self.proc is not None
+        return stargz_report([layer["digest"] for layer in image.layers], fuse_mounts_below(self.root) - before,
+                             self.proc.log_text(), namespace, content_digests(self.containerd, namespace))
 
     def run(self, ref: str, namespace: str, name: str, cmd: list[str]) -> str:
         return self.containerd.ctr("run", "--rm", "--snapshotter", self.snapshotter, ref, name, *cmd,
