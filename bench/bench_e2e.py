@@ -459,8 +459,8 @@ def measure(system: str, variant: str, ref: str, proxy: TCPProxy, work: Path, n:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if fallbacks:
-        raise Refused(f"{system} on {variant} ({link}, round {rnd + 1}): {len(fallbacks)} of {len(digests)} layers "
-                      "not lazy: " + " | ".join(fallbacks))
+        raise Refused(f"{system} on {variant} ({link}, round {rnd + 1}): not every one of the {len(digests)} layers "
+                      "was served lazily: " + " | ".join(fallbacks))
     return Result(link, variant, system, rnd + 1, pull, first, wall, nbytes, nreq, ld)
 
 
