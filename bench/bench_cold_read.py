@@ -136,6 +136,9 @@ def run_native(proxy: TCPProxy, repo: str, digest: str, names: list[str], worklo
 
 
 def main() -> int:
+    from tests.support.procs import prefer_this_interpreters_tools
+
+    prefer_this_interpreters_tools()  # lazyctl/lazyd by name: this interpreter's (the venv's)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--link", action="append", default=None, help="RATE:RTT_MS, repeatable (default 200mbit:10)")
     ap.add_argument("--rounds", type=int, default=2)

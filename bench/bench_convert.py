@@ -42,6 +42,9 @@ def timed(cmd: list[str]) -> tuple[float, float, str]:
 
 
 def main() -> int:
+    from tests.support.procs import prefer_this_interpreters_tools
+
+    prefer_this_interpreters_tools()  # lazyctl/lazyd by name: this interpreter's (the venv's)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--src", action="append", help="directory to put in the tar (repeatable)")
     ap.add_argument("--tar", help="use this tar instead of building one")

@@ -550,6 +550,9 @@ def parse_links(specs: list[str]) -> list[tuple[str, float]]:
 
 
 def main() -> int:
+    from tests.support.procs import prefer_this_interpreters_tools
+
+    prefer_this_interpreters_tools()  # lazyctl/lazyd by name: this interpreter's (the venv's)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--link", action="append", default=None,
                     help="RATE:RTT_MS, repeatable (default 200mbit:10 and 50mbit:40)")

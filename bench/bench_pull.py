@@ -179,7 +179,7 @@ def compare_once(client: str, ref: str, proxy_host: str, work: Path, lazyctl: st
     import bench_e2e as e2e  # the reference stack lives there
 
     if client == "stargz":
-        with e2e.stargz_stack(work) as cd:
+        with e2e.stargz_stack(work) as (cd, _daemon):
             t0 = time.monotonic()
             cd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", e2e.PROXY_SNAPSHOTTER, ref)
             return time.monotonic() - t0
@@ -297,6 +297,9 @@ def cri_once(client: str, ref: str, proxy_host: str, work: Path) -> tuple[float,
 
 
 def main() -> int:
+    from tests.support.procs import prefer_this_interpreters_tools
+
+    prefer_this_interpreters_tools()  # lazyctl/lazyd by name: this interpreter's (the venv's)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--link", action="append", help="RATE:RTT_MS: compare with the reference on this link "

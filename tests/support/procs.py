@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def prefer_this_interpreters_tools() -> None:
+    """Put the directory of ``sys.executable`` first on ``PATH``.
+
+    ``lazyctl`` and ``lazyd`` started by name are then the ones installed with this
+    interpreter (``/opt/lazyd/venv/bin`` when run with the venv's Python, as ``scripts/test``
+    does), not whatever another Python install put earlier on ``PATH``.
+    """
+    bindir = os.path.dirname(sys.executable)
+    os.environ["PATH"] = os.pathsep.join([bindir, *(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                                                    if p != bindir)])
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
