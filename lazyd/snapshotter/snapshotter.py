@@ -63,6 +63,10 @@ class Snapshotter:
         self._remount_lock = threading.Lock()
         self._premounts: dict[tuple[str, str], _Premount] = {}  # (ref, layer digest) -> early mount
         self._premount_lock = threading.Lock()
+        # Held while a snapshot's row and directory come into being, and while cleanup decides
+        # what is orphaned (else it can delete a directory a concurrent Prepare is making).
+        # Lock order: _premount_lock, then _dirs_lock.
+        self._dirs_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=PREMOUNT_THREADS, thread_name_prefix="premount")
         self._checks = ThreadPoolExecutor(max_workers=CHECK_THREADS, thread_name_prefix="check")
 
@@ -84,13 +88,14 @@ class Snapshotter:
         """Create the snapshot and its directories (those of ``premount`` when given: they exist)."""
         if parent and self.store.exists(parent):
             self._check_remote_chain([self.store.stat(parent), *self.store.parents(parent)])
-        snap = self.store.create(kind, key, parent, labels, premount.sid if premount else None)
-        if premount is None:
-            try:
-                self.layout.create_dirs(snap.id, kind, snap.parent_ids)
-            except BaseException:
-                self.store.remove(key)
-                raise
+        with self._dirs_lock:
+            snap = self.store.create(kind, key, parent, labels, premount.sid if premount else None)
+            if premount is None:
+                try:
+                    self.layout.create_dirs(snap.id, kind, snap.parent_ids)
+                except BaseException:
+                    self.store.remove(key)
+                    raise
         return snap.id, self.layout.mounts(snap.id, kind, snap.parent_ids)
 
     def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
@@ -138,8 +143,9 @@ class Snapshotter:
             with self._premount_lock:
                 if key in self._premounts:
                     continue
-                sid = self.store.reserve_id()
-                self.layout.create_dirs(sid, Kind.ACTIVE, [])
+                with self._dirs_lock:
+                    sid = self.store.reserve_id()
+                    self.layout.create_dirs(sid, Kind.ACTIVE, [])
                 later_layer = RemoteLayer(target="", ref=layer.ref, layer_digest=digest, toc_digest=None)
                 timer = threading.Timer(self.config.premount_ttl, self._expire, (key,))
                 timer.daemon = True
@@ -247,9 +253,10 @@ class Snapshotter:
 
     def cleanup(self) -> None:
         """Delete snapshot directories that have no metadata (crash leftovers), except early mounts'."""
-        with self._premount_lock:
+        with self._premount_lock, self._dirs_lock:
             reserved = {pre.sid for pre in self._premounts.values()}
-        for path in self.layout.orphan_dirs(self.store.ids() | reserved):
+            orphans = self.layout.orphan_dirs(self.store.ids() | reserved)
+        for path in orphans:  # ids are never reused, so what was orphaned stays orphaned
             fs = path / "fs"
             if mounttable.is_mounted(fs):
                 self.lazyd.unmount(fs)

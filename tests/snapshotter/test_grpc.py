@@ -221,6 +221,31 @@ def test_cleanup_removes_orphan_dirs(stub: SnapshotsStub, snapshotter: Snapshott
     assert upper(list(stub.Mounts(pb.MountsRequest(snapshotter=SN, key="keep")).mounts)).is_dir()
 
 
+def test_cleanup_racing_prepare_keeps_new_snapshots(stub: SnapshotsStub) -> None:
+    """containerd's GC calls Cleanup while other clients Prepare: a directory being made is not an orphan."""
+    import threading
+
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def clean() -> None:
+        while not stop.is_set():
+            try:
+                stub.Cleanup(pb.CleanupRequest(snapshotter=SN))
+            except grpc.RpcError as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+    cleaner = threading.Thread(target=clean)
+    cleaner.start()
+    try:
+        uppers = [upper(prepare(stub, f"race-{n}")) for n in range(150)]
+    finally:
+        stop.set()
+        cleaner.join()
+    assert not errors
+    assert [u for u in uppers if not u.is_dir()] == []
+
+
 def test_remote_labels_without_lazyd_fall_back(stub: SnapshotsStub, snapshotter: SnapshotterProc) -> None:
     labels = {
         "containerd.io/snapshot.ref": "sha256:" + "c" * 64,
