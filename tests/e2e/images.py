@@ -56,17 +56,22 @@ def lazyd_builder(tar: Path, out: Path) -> BuiltLayer:
                       result.uncompressed_size)
 
 
-def reference_builder(tar: Path, out: Path) -> BuiltLayer:
-    """Convert with the reference tool (stargz-snapshotter 0.12 ``estargz.Build``)."""
-    proc = subprocess.run([REFERENCE_BUILD, "-json", "-o", str(out), str(tar)], capture_output=True, text=True)
+def _reference_build(tar: Path, out: Path, args: tuple[str, ...] = ()) -> BuiltLayer:
+    """Run ``estargz-build -json ARGS -o OUT TAR`` and describe the blob it wrote."""
+    proc = subprocess.run([REFERENCE_BUILD, "-json", *args, "-o", str(out), str(tar)], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"estargz-build {tar} failed: {proc.stderr}")
+        raise RuntimeError(f"estargz-build {' '.join((*args, str(tar)))} failed: {proc.stderr}")
     info = json.loads(proc.stdout)
     size = 0
     with gzip.open(out, "rb") as f:
         while piece := f.read(1 << 20):
             size += len(piece)
     return BuiltLayer(out, info["blobDigest"], int(info["blobSize"]), info["diffID"], info["tocDigest"], size)
+
+
+def reference_builder(tar: Path, out: Path) -> BuiltLayer:
+    """Convert with the reference tool (stargz-snapshotter 0.12 ``estargz.Build``)."""
+    return _reference_build(tar, out)
 
 
 def _blob(layout: Path, digest: str) -> Path:
@@ -181,16 +186,7 @@ def reference_builder_with(*args: str) -> LayerBuilder:
     """``reference_builder`` with extra ``estargz-build`` flags, e.g. ``("-chunk-size", "4096")``."""
 
     def builder(tar: Path, out: Path) -> BuiltLayer:
-        proc = subprocess.run([REFERENCE_BUILD, "-json", *args, "-o", str(out), str(tar)], capture_output=True,
-                              text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"estargz-build {' '.join(args)} {tar} failed: {proc.stderr}")
-        info = json.loads(proc.stdout)
-        size = 0
-        with gzip.open(out, "rb") as f:
-            while piece := f.read(1 << 20):
-                size += len(piece)
-        return BuiltLayer(out, info["blobDigest"], int(info["blobSize"]), info["diffID"], info["tocDigest"], size)
+        return _reference_build(tar, out, args)
 
     builder.__name__ = "reference_builder_" + "_".join(a.lstrip("-") for a in args)
     return builder

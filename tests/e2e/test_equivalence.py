@@ -15,15 +15,14 @@ import hashlib
 import json
 import os
 import stat
-import subprocess
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from lazyd.containerd.client import ContainerdClient, Mount
+
+from tests.interop.trees import layer_dirs, mounted
 
 from .conftest import SNAPSHOTTER, Images, Stack
 
@@ -70,30 +69,6 @@ def _view(address: str, snapshotter: str, key: str, parent: str) -> list[Mount]:
     return asyncio.run(go())
 
 
-def _layer_dirs(mounts: list[Mount]) -> list[str]:
-    """The layer directories of a view, top layer first."""
-    (m,) = mounts
-    if m.type == "bind":
-        return [m.source]
-    lower = next(o for o in m.options if o.startswith("lowerdir="))
-    return lower[len("lowerdir="):].split(":")
-
-
-@contextmanager
-def mounted(mounts: list[Mount], target: Path) -> Iterator[Path]:
-    (m,) = mounts
-    target.mkdir(parents=True)
-    if m.type == "bind":
-        argv = ["mount", "--bind", m.source, str(target)]
-    else:
-        argv = ["mount", "-t", m.type, m.source, "-o", ",".join(m.options), str(target)]
-    subprocess.run(argv, check=True, capture_output=True)
-    try:
-        yield target
-    finally:
-        subprocess.run(["umount", str(target)], check=True, capture_output=True)
-
-
 def test_rootfs_identical_to_overlayfs(stack: Stack, images: Images, tmp_path: Path) -> None:
     stack.ctr("images", "pull", "--plain-http", "--snapshotter", "overlayfs", images.busybox_plain)
     manifest = json.loads(stack.ctr("content", "get", _target(stack, images.busybox_plain)).stdout)
@@ -104,7 +79,7 @@ def test_rootfs_identical_to_overlayfs(stack: Stack, images: Images, tmp_path: P
 
     ref_mounts = _view(stack.address, "overlayfs", "view-overlayfs", plain_chain)
     lazy_mounts = _view(stack.address, SNAPSHOTTER, "view-lazyd", lazy["chain_id"])
-    ref_layers, lazy_layers = _layer_dirs(ref_mounts), _layer_dirs(lazy_mounts)
+    ref_layers, lazy_layers = layer_dirs(ref_mounts), layer_dirs(lazy_mounts)
     assert len(ref_layers) == len(lazy_layers) == 3
     for i, (a, b) in enumerate(zip(ref_layers, lazy_layers)):
         assert_same_tree(describe(Path(a)), describe(Path(b)), f"layer dir {i} (0 = top)")

@@ -190,6 +190,16 @@ def cleanup_mounts_under(root: Path) -> None:
 
 
 @pytest.fixture
+def store(tmp_path: Path) -> Iterator[ChunkStore]:
+    """A fresh 1 GiB chunk store under ``tmp_path``."""
+    s = ChunkStore(tmp_path / "cache", 1 << 30)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
 def worker_env(tmp_path: Path) -> Iterator[WorkerEnv]:
     store = ChunkStore(tmp_path / "cache", 1 << 30)
     fetcher = LocalFetcher(tmp_path / "fetcher.sock", store)

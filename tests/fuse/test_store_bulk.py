@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 
 from lazyd.cache.store import ChunkKey, ChunkStore
 
 LAYER = "sha256:" + "cd" * 32
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[ChunkStore]:
-    s = ChunkStore(tmp_path / "cache", 1 << 30)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def test_put_many_stores_what_put_would(store: ChunkStore, tmp_path: Path) -> None:

@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 
 from lazyd.cache.store import ChunkKey, ChunkStore
 
 LAYER = "sha256:" + "ab" * 32
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[ChunkStore]:
-    s = ChunkStore(tmp_path / "cache", 1 << 30)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def _access_time(store: ChunkStore, key: ChunkKey) -> float:
