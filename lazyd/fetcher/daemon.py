@@ -156,6 +156,7 @@ class Daemon:
                 log.error("cannot start the FUSE workers: %s", exc)
                 return 1
             await self._restore_mounts(adopted)
+            await self._retire_idle_workers()
             self._restored.set()
             saver = asyncio.create_task(self._save_counters_every(COUNTERS_SAVE_INTERVAL))
             try:
@@ -192,7 +193,7 @@ class Daemon:
     async def _unmount_everything(self) -> None:
         await self.supervisor.shutdown()
         for record in list(self.mounts.values()):
-            _lazy_unmount(record.mountpoint)
+            await asyncio.to_thread(_lazy_unmount, record.mountpoint)
             self._forget_mount(record)
 
     # -- mount records ----------------------------------------------------------------
@@ -249,7 +250,7 @@ class Daemon:
             record.state, record.error = "error", f"layer {record.layer_digest} is unknown"
             return
         handle = self.supervisor.workers.get(record.worker_id)
-        if handle is None or handle.state != "ready":
+        if handle is None or handle.state != "ready" or handle.draining:
             handle = self._pick_worker()
         try:
             await self._worker_mount(handle, record, layer)
@@ -293,6 +294,11 @@ class Daemon:
         for record in broken:
             record.state = "broken"
             record.error = f"worker {handle.worker_id} (pid {handle.pid}) died"
+        if handle.draining:  # not replaced: its mounts move to the configured workers
+            self.supervisor.workers.pop(handle.worker_id, None)
+            for record in broken:
+                await self._reestablish(record)
+            return
         try:
             await self.supervisor.restart(handle)
         except WorkerError as exc:
@@ -303,8 +309,15 @@ class Daemon:
         for record in broken:
             await self._reestablish(record)
 
+    async def _retire_idle_workers(self) -> None:
+        """Stop the draining workers (ids beyond ``workers``) that serve no mount any more."""
+        busy = {m.worker_id for m in self.mounts.values()}
+        for handle in list(self.supervisor.workers.values()):
+            if handle.draining and handle.worker_id not in busy:
+                await self.supervisor.retire(handle)
+
     def _pick_worker(self) -> WorkerHandle:
-        ready = [w for w in self.supervisor.workers.values() if w.state == "ready"]
+        ready = [w for w in self.supervisor.workers.values() if w.state == "ready" and not w.draining]
         if not ready:
             raise ApiError(UNAVAILABLE, "no FUSE worker is running")
         load = {w.worker_id: 0 for w in ready}
@@ -355,7 +368,7 @@ class Daemon:
         self.scheduler.note_activity()  # a container is starting: hold background fetch back
         ref = _parse_ref(args.ref)
         mountpoint = os.path.normpath(args.mountpoint)
-        if not os.path.isdir(mountpoint):
+        if not await asyncio.to_thread(os.path.isdir, mountpoint):
             raise ApiError(INVALID_REQUEST, f"mountpoint {mountpoint} is not a directory")
         async with self._mount_lock:
             if mountpoint in self._claimed or any(m.mountpoint == mountpoint for m in self.mounts.values()):
@@ -385,8 +398,13 @@ class Daemon:
         if prefetch is not None and wait:
             try:
                 await asyncio.wait_for(asyncio.shield(prefetch), self.config.prefetch_timeout)
-            except (asyncio.TimeoutError, ApiError, asyncio.CancelledError):
+            except (asyncio.TimeoutError, ApiError):
                 pass  # the mount works without it; errors show in status
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # this request is being cancelled, not (only) the prefetch
+                # the prefetch was cancelled (its mount went away): the mount call itself succeeded
         return MountResult(record.mount_id, layer.meta.toc_digest, layer.meta.blob_size, handle.pid)
 
     def _start_background(self, digest: str) -> asyncio.Task[None] | None:
@@ -447,8 +465,10 @@ class Daemon:
             except ApiError as exc:
                 if exc.code != NOT_FOUND:
                     raise
-        _lazy_unmount(record.mountpoint)
+        await asyncio.to_thread(_lazy_unmount, record.mountpoint)
         self._forget_mount(record)
+        if handle is not None and handle.draining:
+            await self._retire_idle_workers()
 
     def _find(self, mountpoint: str) -> MountRecord:
         mp = os.path.normpath(mountpoint)
@@ -526,7 +546,8 @@ class Daemon:
         workers = []
         for h in sorted(self.supervisor.workers.values(), key=lambda h: h.worker_id):
             ws = statuses.get(h.worker_id)
-            workers.append(WorkerInfo(worker_id=h.worker_id, pid=h.pid, state=h.state,
+            state = "draining" if h.draining and h.state == "ready" else h.state
+            workers.append(WorkerInfo(worker_id=h.worker_id, pid=h.pid, state=state,
                                       mounts=sum(1 for m in self.mounts.values() if m.worker_id == h.worker_id),
                                       restarts=h.restarts, llfuse_version=ws.llfuse_version if ws else None,
                                       no_open=ws.no_open if ws else None))

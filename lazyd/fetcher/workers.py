@@ -2,7 +2,10 @@
 
 Workers run ``python3 -m lazyd.fuse.worker`` in their own session, so they
 outlive the fetcher.  A new fetcher adopts a worker whose ``worker.json`` names a
-live ``lazyd.fuse.worker`` process with an answering control socket.  Liveness
+live ``lazyd.fuse.worker`` process with an answering control socket; every worker found
+under ``<root>/workers`` is adopted, also one whose id is not below the configured count
+(after ``workers`` was lowered): such a worker is *draining*, it keeps serving the mounts it
+has, gets no new ones and is stopped once it has none.  Liveness
 is checked every ``health_interval`` (child exit status for our own children,
 ``/proc`` for adopted ones); a death is reported to ``on_death``.
 """
@@ -38,6 +41,7 @@ class WorkerHandle:
     state: str = "starting"  # starting, ready, dead
     restarts: int = 0
     adopted: bool = False
+    draining: bool = False
     started_at: float = field(default_factory=time.time)
 
     def alive(self) -> bool:
@@ -91,8 +95,18 @@ class Supervisor:
     def state_dir(self, worker_id: int) -> Path:
         return self.root / "workers" / str(worker_id)
 
+    def found_ids(self) -> set[int]:
+        """Ids of the worker state directories under ``<root>/workers``."""
+        try:
+            names = [p.name for p in (self.root / "workers").iterdir() if p.is_dir()]
+        except OSError:
+            return set()
+        return {int(name) for name in names if name.isdecimal()}
+
     async def start(self) -> dict[int, WorkerStatusResult]:
-        """Adopt live workers, spawn the missing ones; returns the status of adopted workers."""
+        """Adopt every live worker, spawn the missing ones; returns the status of adopted workers.
+
+        A live worker whose id is ``count`` or more is adopted as draining."""
         (self.root / "workers").mkdir(parents=True, exist_ok=True, mode=0o700)
         adopted: dict[int, WorkerStatusResult] = {}
 
@@ -100,11 +114,16 @@ class Supervisor:
             status = await self._adopt(worker_id)
             if status is not None:
                 adopted[worker_id] = status
-            else:
+                if worker_id >= self.count:
+                    self.workers[worker_id].draining = True
+                    log.info("worker %d is beyond workers = %d: it drains (%d mount(s)) and then stops",
+                             worker_id, self.count, len(status.mounts))
+            elif worker_id < self.count:
                 self.workers[worker_id] = await self.spawn(worker_id)
 
+        ids = set(range(self.count)) | self.found_ids()
         # Concurrently: a worker spends its start-up in its own process, so N start in about the time of one.
-        results = await asyncio.gather(*(one(worker_id) for worker_id in range(self.count)), return_exceptions=True)
+        results = await asyncio.gather(*(one(worker_id) for worker_id in sorted(ids)), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
@@ -182,6 +201,12 @@ class Supervisor:
         self.workers[dead.worker_id] = handle
         return handle
 
+    async def retire(self, handle: WorkerHandle) -> None:
+        """Stop a draining worker that serves nothing any more and forget it."""
+        self.workers.pop(handle.worker_id, None)
+        await self._stop_one(handle)
+        log.info("stopped draining worker %d (pid %d)", handle.worker_id, handle.pid)
+
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
@@ -214,23 +239,27 @@ class Supervisor:
         """Ask every worker to unmount everything and exit; wait for them."""
         await self.stop_watching()
         for handle in self.workers.values():
-            if handle.state != "dead":
-                try:
-                    await handle.call("worker.shutdown", timeout=30.0)
-                except ApiError as exc:
-                    log.warning("worker %d shutdown: %s", handle.worker_id, exc)
-            deadline = time.monotonic() + 15
-            while handle.alive() and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            if handle.alive():
-                log.error("worker %d (pid %d) did not exit; killing it", handle.worker_id, handle.pid)
-                try:
-                    os.kill(handle.pid, 9)
-                except ProcessLookupError:
-                    pass
-            if handle.proc is not None:
-                handle.proc.wait()
-            if handle.client is not None:
-                await handle.client.close()
-            (handle.state_dir / "worker.json").unlink(missing_ok=True)
-            handle.state = "dead"
+            await self._stop_one(handle)
+
+    async def _stop_one(self, handle: WorkerHandle) -> None:
+        """Ask one worker to unmount everything and exit; kill it after 15 s."""
+        if handle.state != "dead":
+            try:
+                await handle.call("worker.shutdown", timeout=30.0)
+            except ApiError as exc:
+                log.warning("worker %d shutdown: %s", handle.worker_id, exc)
+        deadline = time.monotonic() + 15
+        while handle.alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if handle.alive():
+            log.error("worker %d (pid %d) did not exit; killing it", handle.worker_id, handle.pid)
+            try:
+                os.kill(handle.pid, 9)
+            except ProcessLookupError:
+                pass
+        if handle.proc is not None:
+            await asyncio.to_thread(handle.proc.wait)
+        if handle.client is not None:
+            await handle.client.close()
+        (handle.state_dir / "worker.json").unlink(missing_ok=True)
+        handle.state = "dead"

@@ -130,3 +130,46 @@ def test_sigterm_keeps_mounts_and_restart_replaces_a_worker_that_died_meanwhile(
         assert new.demand_bytes >= old.demand_bytes and new.prefetch_bytes >= old.prefetch_bytes
     for layer, mp in zip(busybox.layers, mps):
         check_tree(mp, layer.tar)
+
+
+def test_lowering_workers_adopts_the_extra_worker_which_drains_and_stops(
+        daemon_factory, busybox: EStargzImage) -> None:
+    """After ``workers`` is lowered, a restarted fetcher adopts every live worker: the extra
+    one keeps serving its mounts (not reported broken), gets no new mount, and stops once it
+    serves nothing."""
+    d: DaemonProc = daemon_factory(workers=2, extra=NO_BACKGROUND).start()
+    mps = d.mount_layers(busybox, "w")
+    with d.client() as c:
+        st = c.status()
+    extra = [m for m in st.mounts if m.worker_id == 1]
+    assert extra, "mounts are spread over both workers"
+    extra_pid = extra[0].worker_pid
+    d.proc.stop(signal.SIGTERM)  # the fetcher only: the workers and their mounts stay
+    d.config.write_text(d.config.read_text().replace("workers = 2", "workers = 1"))
+    d.workers = None  # status lists the draining worker beside the configured one
+    d.start()
+    with d.client() as c:
+        wait_until(lambda: c.status().workers and all(m.state == "ready" for m in c.status().mounts), 30,
+                   "the mounts to be restored")
+        st2 = c.status()
+        assert {(w.worker_id, w.state) for w in st2.workers} == {(0, "ready"), (1, "draining")}
+        assert {m.mount_id: m.worker_pid for m in st2.mounts if m.worker_id == 1} == \
+            {m.mount_id: extra_pid for m in extra}, "the extra worker's mounts are adopted, not moved"
+        for layer, mp in zip(busybox.layers, mps):
+            check_tree(mp, layer.tar)
+        # A new mount goes to a configured worker, never to the draining one.
+        mp = d.mountpoint("new")
+        c.mount(busybox.ref, busybox.layers[0].digest, str(mp),
+                busybox.layers[0].toc_digest)
+        assert next(m for m in c.status().mounts if m.mountpoint == str(mp)).worker_id == 0
+        for m in extra:
+            c.unmount(m.mountpoint)
+        st3 = c.status()
+        assert [w.worker_id for w in st3.workers] == [0]
+        assert all(m.worker_id == 0 and m.state == "ready" for m in st3.mounts)
+    wait_until(lambda: not Path(f"/proc/{extra_pid}").exists() or
+               Path(f"/proc/{extra_pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z",
+               15, "the drained worker to exit")
+    for mp_ in mps:
+        if str(mp_) not in {m.mountpoint for m in extra}:
+            assert os.path.ismount(mp_)
