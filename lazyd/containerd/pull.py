@@ -84,7 +84,8 @@ class ImageSource(Protocol):
     """Resolves images and downloads whole blobs (``RegistryClient``, ``LazydSource``)."""
 
     async def resolve(self, ref: Reference) -> Image: ...
-    async def fetch_blob(self, ref: Reference, digest: str, path: str, progress: Callable[[int], None]) -> int: ...
+    async def fetch_blob(self, ref: Reference, digest: str, path: str, progress: Callable[[int], None],
+                         size: int | None = None) -> int: ...
 
 
 class PullObserver(Protocol):
@@ -314,7 +315,8 @@ class RemotePuller:
             return 0
         with tempfile.TemporaryDirectory(prefix="lazyctl-rpull-", dir=self.workdir) as tmp:
             path = Path(tmp) / "blob"
-            await self.registry.fetch_blob(image.ref, desc.digest, str(path), progress=self.observer.fetched)
+            await self.registry.fetch_blob(image.ref, desc.digest, str(path), progress=self.observer.fetched,
+                                           size=desc.size)
             size = os.path.getsize(path)
             await cd.write_content(_ingest_ref("layer", desc.digest), desc, _file_chunks(path), {src_key: src_val})
         return size

@@ -86,9 +86,9 @@ class LazydSource:
         return result
 
     async def fetch_blob(self, ref: Reference, digest: str, path: str | os.PathLike[str],
-                         progress: ProgressFn | None = None) -> int:
-        """Download a whole blob (a layer pulled in full) with the registry client."""
-        return await self._client().fetch_blob(ref, digest, path, progress=progress)
+                         progress: ProgressFn | None = None, size: int | None = None) -> int:
+        """Download a whole blob (a layer pulled in full) with the registry client; at most ``size`` bytes."""
+        return await self._client().fetch_blob(ref, digest, path, progress=progress, size=size)
 
 
 class DaemonSource:
@@ -148,6 +148,6 @@ class DaemonSource:
         return self._own
 
     async def fetch_blob(self, ref: Reference, digest: str, path: str | os.PathLike[str],
-                         progress: ProgressFn | None = None) -> int:
-        """Download a whole blob (a layer pulled in full)."""
-        return await self._blob_client(ref).fetch_blob(ref, digest, path, progress=progress)
+                         progress: ProgressFn | None = None, size: int | None = None) -> int:
+        """Download a whole blob (a layer pulled in full); at most ``size`` bytes."""
+        return await self._blob_client(ref).fetch_blob(ref, digest, path, progress=progress, size=size)

@@ -140,7 +140,7 @@ class _Converter:
                                               "kept")
         src_path = self.work / f"{desc.digest.replace(':', '-')}.src"
         dst_path = self.work / f"{desc.digest.replace(':', '-')}.estargz"
-        await self.client.fetch_blob(self.src, desc.digest, src_path, progress=self.progress)
+        await self.client.fetch_blob(self.src, desc.digest, src_path, progress=self.progress, size=desc.size)
         loop = asyncio.get_running_loop()
         built: LayerBuild = await loop.run_in_executor(self.pool, build_layer, str(src_path), str(dst_path),
                                                        self.options.chunk_size, self.options.prioritized,
@@ -160,7 +160,7 @@ class _Converter:
         if await self.client.mount_blob(self.dst, desc.digest, self.src):
             return
         path = self.work / f"{desc.digest.replace(':', '-')}.copy"
-        await self.client.fetch_blob(self.src, desc.digest, path)
+        await self.client.fetch_blob(self.src, desc.digest, path, size=desc.size)
         await self.client.push_blob(self.dst, desc.digest, path)
         path.unlink(missing_ok=True)
 

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from .config import RegistryConfig
 from .errors import (DigestMismatchError, InvalidReferenceError, ManifestError, NotFoundError,
-                     RangeNotSupportedError, RegistryError, UnauthorizedError, UnreachableError)
+                     RangeNotSupportedError, RegistryError, ResponseTooLargeError, UnauthorizedError,
+                     UnreachableError)
 from .platforms import Platform
 from .reference import Reference
 from .types import Descriptor, Image, RegistryStats
@@ -22,7 +23,7 @@ _FROM_CLIENT = ("RegistryClient", "select_platform")
 __all__ = [
     "Descriptor", "DigestMismatchError", "Image", "InvalidReferenceError", "ManifestError", "NotFoundError",
     "Platform", "RangeNotSupportedError", "Reference", "RegistryClient", "RegistryConfig", "RegistryError",
-    "RegistryStats", "UnauthorizedError", "UnreachableError", "select_platform",
+    "RegistryStats", "ResponseTooLargeError", "UnauthorizedError", "UnreachableError", "select_platform",
 ]
 
 

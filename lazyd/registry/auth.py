@@ -1,17 +1,20 @@
 """Registry authentication: WWW-Authenticate challenges, Bearer tokens and Basic.
 
-Tokens are cached per (host, scope).  A 401 on a request that carried a token drops
-that token, fetches a new one and lets the caller retry once.  Nothing here logs a
-header, password or token.
+Tokens are cached per (host, scope): expired ones are dropped, and at most
+``MAX_TOKENS`` are kept (the least recently used goes first).  A 401 on a request that
+carried a token drops that token, fetches a new one and lets the caller retry once.
+Nothing here logs a header, password or token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import re
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any
@@ -20,9 +23,17 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from .credentials import Credentials, CredentialStore
-from .errors import UnauthorizedError, UnreachableError
+from .errors import ResponseTooLargeError, UnauthorizedError, UnreachableError
 
 log = logging.getLogger(__name__)
+
+MAX_TOKENS = 256
+"""Bearer tokens an ``Authorizer`` keeps (one per host and scope set); the least recently used
+one is dropped beyond this.  A pull uses one scope set per repository, so this covers 256
+repositories in use at once; a dropped token is simply fetched again."""
+
+MAX_TOKEN_RESPONSE = 1024 * 1024
+"""Largest token-server answer read (tokens are a few KiB); a larger one is a ResponseTooLargeError."""
 
 _PARAM = re.compile(r'([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
 
@@ -65,13 +76,33 @@ class Authorizer:
         self._creds = credentials
         self._plain_ok = plain_http_allowed
         self._challenges: dict[str, Challenge] = {}
-        self._tokens: dict[tuple[str, str], _Token] = {}
+        self._tokens: OrderedDict[tuple[str, str], _Token] = OrderedDict()  # least recently used first
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._secrets: set[str] = set()
 
     def secrets(self) -> set[str]:
-        """Every secret seen so far (to scrub from error text)."""
-        return set(self._secrets)
+        """The credentials seen so far and the tokens held now (to scrub from error text)."""
+        return self._secrets | {t.value for t in self._tokens.values()}
+
+    def token_count(self) -> int:
+        """Bearer tokens held now (at most ``MAX_TOKENS``)."""
+        return len(self._tokens)
+
+    def _store(self, key: tuple[str, str], token: _Token) -> None:
+        """Keep ``token`` as the most recently used; drop expired tokens, then the oldest beyond MAX_TOKENS."""
+        self._tokens[key] = token
+        self._tokens.move_to_end(key)
+        now = time.monotonic()
+        for k in [k for k, t in self._tokens.items() if t.expires_at <= now]:
+            self._drop(k)
+        while len(self._tokens) > MAX_TOKENS:
+            self._drop(next(iter(self._tokens)))
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        self._tokens.pop(key, None)
+        lock = self._locks.get(key)
+        if lock is not None and not lock.locked():
+            del self._locks[key]
 
     async def header(self, session: aiohttp.ClientSession, host: str, scopes: tuple[str, ...], ssl: Any) -> str | None:
         """The Authorization header for a request to ``host`` needing ``scopes``, if one is known to be needed."""
@@ -87,12 +118,18 @@ class Authorizer:
             return f"Basic {raw}"
         key = (host, " ".join(sorted(scopes)))
         lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            token = self._tokens.get(key)
-            if token is None or token.expires_at <= time.monotonic():
-                token = await self._fetch_token(session, host, challenge, scopes, ssl)
-                self._tokens[key] = token
-            return f"Bearer {token.value}"
+        try:
+            async with lock:
+                token = self._tokens.get(key)
+                if token is None or token.expires_at <= time.monotonic():
+                    token = await self._fetch_token(session, host, challenge, scopes, ssl)
+                    self._store(key, token)
+                else:
+                    self._tokens.move_to_end(key)
+                return f"Bearer {token.value}"
+        finally:
+            if key not in self._tokens and not lock.locked() and self._locks.get(key) is lock:
+                del self._locks[key]  # a failed fetch leaves no lock behind
 
     async def unauthorized(self, session: aiohttp.ClientSession, host: str, scopes: tuple[str, ...],
                            www_authenticate: str, sent: str | None, ssl: Any) -> str:
@@ -108,7 +145,7 @@ class Authorizer:
         key = (host, " ".join(sorted(scopes)))
         token = self._tokens.get(key)
         if token is not None and sent == f"Bearer {token.value}":
-            del self._tokens[key]
+            self._drop(key)
         if challenge.scheme == "basic" and sent and sent.startswith("Basic "):
             raise UnauthorizedError(f"registry {host} rejected the configured credentials for {' '.join(scopes)}")
         header = await self.header(session, host, scopes, ssl)
@@ -155,7 +192,7 @@ class Authorizer:
                     raise UnauthorizedError(f"token server refused {'the configured credentials' if creds else 'anonymous access'} for {what}")
                 if resp.status != 200:
                     raise UnauthorizedError(f"token server answered HTTP {resp.status} for {what}")
-                data = await resp.json(content_type=None)
+                data = json.loads(await _read_bounded(resp, f"token server {realm_url.netloc} for {what}"))
         except aiohttp.ClientError as exc:
             raise UnreachableError(f"token server for {what} is unreachable: {type(exc).__name__}") from exc
         except ValueError as exc:
@@ -163,7 +200,6 @@ class Authorizer:
         value = data.get("token") or data.get("access_token") if isinstance(data, dict) else None
         if not isinstance(value, str) or not value:
             raise UnauthorizedError(f"token server sent no token for {what}")
-        self._secrets.add(value)
         try:
             expires_in = float(data.get("expires_in") or 60)
         except (TypeError, ValueError):
@@ -171,3 +207,20 @@ class Authorizer:
         log.debug("got a token for %s, valid %.0fs", what, expires_in)
         # Refresh a little early; a token that expires anyway is refreshed on the 401.
         return _Token(value, time.monotonic() + max(1.0, expires_in - min(10.0, expires_in / 10)))
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, who: str) -> bytes:
+    """A token answer's body, at most ``MAX_TOKEN_RESPONSE`` bytes."""
+    if resp.content_length is not None and resp.content_length > MAX_TOKEN_RESPONSE:
+        resp.close()
+        raise ResponseTooLargeError(f"{who} announced {resp.content_length} bytes (Content-Length); "
+                                    f"at most {MAX_TOKEN_RESPONSE} are allowed (MAX_TOKEN_RESPONSE)")
+    body = bytearray()
+    while len(body) <= MAX_TOKEN_RESPONSE:
+        chunk = await resp.content.read(MAX_TOKEN_RESPONSE + 1 - len(body))
+        if not chunk:
+            return bytes(body)
+        body += chunk
+    resp.close()
+    raise ResponseTooLargeError(f"{who} sent more than {MAX_TOKEN_RESPONSE} bytes; "
+                                f"at most {MAX_TOKEN_RESPONSE} are allowed (MAX_TOKEN_RESPONSE)")

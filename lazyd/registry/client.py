@@ -26,7 +26,7 @@ from .auth import Authorizer, scope_for
 from .config import RegistryConfig
 from .credentials import CredentialStore
 from .errors import (DigestMismatchError, ManifestError, NotFoundError, RangeNotSupportedError, RegistryError,
-                     UnauthorizedError, UnreachableError)
+                     ResponseTooLargeError, UnauthorizedError, UnreachableError)
 from .hosts import CAP_PULL, CAP_PUSH, CAP_RESOLVE, Endpoint, is_local, load_endpoints
 from .platforms import Platform
 from .reference import Reference, validate_digest
@@ -37,9 +37,33 @@ log = logging.getLogger(__name__)
 ACCEPT_MANIFESTS = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES))
 _REDIRECTS = (301, 302, 303, 307, 308)
 _RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+
+
+def retry_after(value: str | None, now: float | None = None) -> float:
+    """Seconds a ``Retry-After`` header asks to wait (delta-seconds or an HTTP date); 0 if absent or bad."""
+    if not value:
+        return 0.0
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    import email.utils  # only for the rare HTTP-date form
+
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return 0.0
+    if when.tzinfo is None:
+        return 0.0
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _DOWN_SECONDS = 30.0
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+MULTIPART_PART_OVERHEAD = 1024
+"""Bytes a multipart/byteranges answer may carry per part besides the part's data (delimiter and
+part headers; distribution sends about 100), and once more for the preamble and closing delimiter."""
+WRITE_BATCH = 4 * 1024 * 1024
+"""Bytes ``fetch_blob`` gathers before handing them to a worker thread to hash and write."""
+_READ_CHUNK = 1 << 20
 ProgressFn = Callable[[int], None]
 
 
@@ -59,18 +83,66 @@ class _Response:
     def headers(self) -> Any:
         return self.resp.headers
 
-    async def read(self, limit: int | None = None) -> bytes:
-        """The body, or its first ``limit`` bytes (the connection is dropped after a partial read)."""
+    def check_length(self, limit: int, what: str, allowed: str = "") -> None:
+        """Raise ResponseTooLargeError (dropping the connection) if Content-Length announces more than ``limit``."""
+        announced = self.resp.content_length
+        if announced is not None and announced > limit:
+            self.resp.close()
+            raise ResponseTooLargeError(f"{self.endpoint.describe()} answered {what} with {announced} bytes "
+                                        f"(Content-Length); at most {limit} are allowed{allowed}")
+
+    async def read(self, limit: int, what: str, allowed: str = "") -> bytes:
+        """The whole body, which must be at most ``limit`` bytes.
+
+        A longer body raises ResponseTooLargeError naming the host, ``what`` and the sizes (plus
+        ``allowed``, what the limit is made of) once ``limit`` is passed; at most ``limit + 1``
+        bytes are ever held.  Content-Length is not trusted here (a body cut short is retried as
+        such): call ``check_length`` first to refuse an announced oversize body unread.
+        """
         buf = bytearray()
-        while limit is None or len(buf) < limit:
-            chunk = await self.resp.content.read(1 << 20 if limit is None else min(1 << 20, limit - len(buf)))
+        while True:
+            chunk = await self.resp.content.read(min(_READ_CHUNK, limit + 1 - len(buf)))
             if not chunk:
-                break
+                return bytes(buf)
             buf += chunk
             self._client._received(len(chunk))
-        if limit is not None and not self.resp.content.at_eof():
-            self.resp.close()
-        return bytes(buf)
+            if len(buf) > limit:
+                self.resp.close()
+                raise ResponseTooLargeError(f"{self.endpoint.describe()} answered {what} with more than {limit} "
+                                            f"bytes; at most {limit} are allowed{allowed}")
+
+    async def collect(self, base: int, ranges: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+        """Pick ``(offset, length)`` ranges of the blob out of a body that starts at blob offset ``base``.
+
+        For a registry that ignores ``Range`` (200, ``base`` 0) or sends one span for several
+        ranges: bytes before and between the ranges are discarded as they arrive, and the read
+        stops after the last byte wanted (dropping the connection), so memory is the sum of the
+        lengths, not the last offset.  A range the body ends inside comes back short; one
+        starting before ``base`` is left out.
+        """
+        todo = sorted(r for r in set(ranges) if r[0] >= base)
+        bufs = {r: bytearray() for r in todo}
+        stop = max((o + n for o, n in todo), default=base)
+        at, first = base, 0  # todo[:first] are complete
+        while at < stop:
+            data = await self.resp.content.read(min(_READ_CHUNK, stop - at))
+            if not data:
+                break
+            self._client._received(len(data))
+            end = at + len(data)
+            view = memoryview(data)
+            for i in range(first, len(todo)):
+                off, length = todo[i]
+                if off >= end:
+                    break
+                if off + length > at:
+                    bufs[todo[i]] += view[max(off, at) - at : min(off + length, end) - at]
+            at = end
+            while first < len(todo) and sum(todo[first]) <= at:
+                first += 1
+        if not self.resp.content.at_eof():
+            self.resp.close()  # the rest is not wanted: do not read it to reuse the connection
+        return {r: bytes(buf) for r, buf in bufs.items()}
 
     def close(self) -> None:
         self.resp.release()
@@ -155,11 +227,16 @@ class RegistryClient:
         if not ep.http_fallback:
             return ep.scheme
         async with self._scheme_lock:
-            if ep not in self._scheme:
-                self._scheme[ep] = await self._probe_tls(ep)
-            return self._scheme[ep]
+            if ep in self._scheme:
+                return self._scheme[ep]
+            scheme = await self._probe_tls(ep)
+            if scheme is None:
+                return "https"  # unreachable either way (the request reports it); probe again next time
+            self._scheme[ep] = scheme
+            return scheme
 
-    async def _probe_tls(self, ep: Endpoint) -> str:
+    async def _probe_tls(self, ep: Endpoint) -> str | None:
+        """``https`` or ``http`` by a TLS handshake with a local endpoint; None when it is unreachable."""
         parts = urlsplit(f"https://{ep.host}")
         host, port = parts.hostname or ep.host, parts.port or 443
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # no CA bundle to load (~35 ms): nothing is verified here
@@ -171,7 +248,7 @@ class RegistryClient:
             log.debug("%s does not speak TLS; using plain HTTP (local host)", ep.host)
             return "http"
         except (OSError, asyncio.TimeoutError):
-            return "https"  # unreachable either way; the request reports it
+            return None
         writer.close()
         try:
             await writer.wait_closed()
@@ -263,9 +340,11 @@ class RegistryClient:
             if not final and self._down_until.get(ep, 0) > time.monotonic():
                 continue
             attempts = 1 + (self.config.retries if idempotent and final else 0)
+            asked = 0.0  # the Retry-After of the last answer
             for attempt in range(attempts):
                 if attempt:
-                    await asyncio.sleep(self.config.backoff * (2 ** (attempt - 1)))
+                    await asyncio.sleep(max(self.config.backoff * (2 ** (attempt - 1)), asked))
+                asked = 0.0
                 try:
                     scheme = await self._scheme_of(ep)
                     where = f"{'mirror ' if ep.mirror else ''}{scheme}://{ep.host}"
@@ -306,6 +385,12 @@ class RegistryClient:
                     break
                 if status in _RETRY_STATUS:
                     last = UnreachableError(f"{where} ({registry}) answered HTTP {status} for {what}{detail}")
+                    if status in (429, 503) and (asked := retry_after(resp.headers.get("Retry-After"))):
+                        if asked > self.config.max_retry_after:
+                            last = UnreachableError(
+                                f"{where} ({registry}) answered HTTP {status} for {what} and asks to retry after "
+                                f"{asked:.0f}s, longer than max_retry_after ({self.config.max_retry_after:g}s){detail}")
+                            break
                     continue
                 if status == 416:
                     raise RangeNotSupportedError(f"{where} ({registry}) cannot serve the range asked for in {what}{detail}")
@@ -351,16 +436,14 @@ class RegistryClient:
                                     capability=CAP_RESOLVE if not digest and not ref.digest else CAP_PULL,
                                     headers={"Accept": ACCEPT_MANIFESTS}, what=f"manifest {obj}")
             try:
-                if int(resp.headers.get("Content-Length") or 0) > MAX_MANIFEST_SIZE:
-                    raise ManifestError(f"manifest {obj} of {ref.name} is larger than {MAX_MANIFEST_SIZE} bytes")
-                return (await resp.read(MAX_MANIFEST_SIZE + 1), resp.headers.get("Docker-Content-Digest"),
+                resp.check_length(MAX_MANIFEST_SIZE, f"manifest {obj} of {ref.name}", " (MAX_MANIFEST_SIZE)")
+                return (await resp.read(MAX_MANIFEST_SIZE, f"manifest {obj} of {ref.name}", " (MAX_MANIFEST_SIZE)"),
+                        resp.headers.get("Docker-Content-Digest"),
                         resp.headers.get("Content-Type", "").split(";")[0].strip())
             finally:
                 resp.close()
 
         body, header_digest, content_type = await self._with_body_retries(f"manifest {obj} of {ref.name}", attempt)
-        if len(body) > MAX_MANIFEST_SIZE:
-            raise ManifestError(f"manifest {obj} of {ref.name} is larger than {MAX_MANIFEST_SIZE} bytes")
         expected = digest or ref.digest or header_digest
         actual = digest_of(body, expected.split(":", 1)[0] if expected else "sha256")
         if expected and actual != expected:
@@ -434,18 +517,16 @@ class RegistryClient:
             return False
 
     async def fetch_bytes(self, ref: Reference, digest: str, max_size: int = 64 * 1024 * 1024) -> bytes:
-        """A small blob in memory, digest verified."""
+        """A small blob in memory, digest verified; one of more than ``max_size`` bytes is a ResponseTooLargeError."""
         async def attempt() -> tuple[bytes, _Response]:
             resp = await self._call(ref.registry, ref.repository, "GET", f"/{ref.repository}/blobs/{digest}",
                                     capability=CAP_PULL, what=f"blob {digest}")
             try:
-                return await resp.read(max_size + 1), resp
+                return await resp.read(max_size, f"blob {digest} of {ref.name}"), resp
             finally:
                 resp.close()
 
         data, resp = await self._with_body_retries(f"blob {digest} of {ref.name}", attempt)
-        if len(data) > max_size:
-            raise RegistryError(f"blob {digest} of {ref.name} is larger than {max_size} bytes")
         h = hasher(digest)
         h.update(data)
         if f"{digest.split(':')[0]}:{h.hexdigest()}" != digest:
@@ -454,47 +535,97 @@ class RegistryClient:
         return data
 
     async def fetch_blob(self, ref: Reference, digest: str, path: str | os.PathLike[str],
-                         progress: ProgressFn | None = None) -> int:
-        """Download a whole blob to ``path`` (atomically), verifying its digest; returns its size."""
+                         progress: ProgressFn | None = None, size: int | None = None) -> int:
+        """Download a whole blob to ``path`` (atomically), verifying its digest; returns its size.
+
+        With ``size`` (the descriptor's), an answer announcing or carrying more bytes is a
+        ResponseTooLargeError as soon as it shows; without it only the digest check at the end
+        bounds the body.  Hashing and file writes run in a worker thread, ``WRITE_BATCH`` bytes
+        at a time and overlapping the download, so the event loop never waits on the disk.
+        """
         validate_digest(digest)
         dst = Path(path)
         tmp = dst.with_name(f".{dst.name}.part-{os.getpid()}")
+        what = f"blob {digest} of {ref.name}"
         attempts = 1 + self.config.retries
         for attempt in range(attempts):
             h = hasher(digest)
-            size = 0
+            received = [0]
             resp = await self._call(ref.registry, ref.repository, "GET", f"/{ref.repository}/blobs/{digest}",
                                     capability=CAP_PULL, what=f"blob {digest}")
             try:
-                with open(tmp, "wb") as f:
-                    while True:
-                        chunk = await resp.resp.content.read(1 << 20)
-                        if not chunk:
-                            break
-                        self._bytes += len(chunk)
-                        h.update(chunk)
-                        f.write(chunk)
-                        size += len(chunk)
-                        if progress:
-                            progress(len(chunk))
+                if size is not None:
+                    resp.check_length(size, what, " (the descriptor's size)")
+                f = await asyncio.to_thread(open, tmp, "wb")
+                try:
+                    await self._write_body(resp, f, h, size, what, progress, received)
+                finally:
+                    await asyncio.to_thread(f.close)
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                tmp.unlink(missing_ok=True)
-                if progress and size:
-                    progress(-size)
+                await asyncio.to_thread(tmp.unlink, missing_ok=True)
+                if progress and received[0]:
+                    progress(-received[0])
                 if attempt + 1 < attempts:
                     await asyncio.sleep(self.config.backoff * (2 ** attempt))
                     continue
-                raise UnreachableError(f"download of blob {digest} of {ref.name} failed: {type(exc).__name__}") from exc
+                raise UnreachableError(f"download of {what} failed: {type(exc).__name__}") from exc
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
             finally:
                 resp.close()
             actual = f"{digest.split(':')[0]}:{h.hexdigest()}"
             if actual != digest:
-                tmp.unlink(missing_ok=True)
-                raise DigestMismatchError(f"blob {digest} of {ref.name} from {resp.endpoint.describe()} "
-                                          f"hashes to {actual}")
-            os.replace(tmp, dst)
-            return size
+                await asyncio.to_thread(tmp.unlink, missing_ok=True)
+                raise DigestMismatchError(f"{what} from {resp.endpoint.describe()} hashes to {actual}")
+            await asyncio.to_thread(os.replace, tmp, dst)
+            return received[0]
         raise AssertionError("unreachable")
+
+    async def _write_body(self, resp: _Response, f: Any, h: Any, limit: int | None, what: str,
+                          progress: ProgressFn | None, received: list[int]) -> None:
+        """Hash and write the body to ``f`` in a worker thread, one batch while the next arrives.
+
+        ``received[0]`` counts the bytes taken from the network (and reported to ``progress``);
+        more than ``limit`` raises ResponseTooLargeError.
+        """
+        def write(chunks: list[bytes]) -> None:
+            for chunk in chunks:
+                h.update(chunk)
+                f.write(chunk)
+
+        pending: asyncio.Future[None] | None = None
+        batch: list[bytes] = []
+        batched = 0
+        try:
+            while True:
+                chunk = await resp.resp.content.read(_READ_CHUNK)
+                if chunk:
+                    received[0] += len(chunk)
+                    self._received(len(chunk))
+                    if limit is not None and received[0] > limit:
+                        resp.resp.close()
+                        raise ResponseTooLargeError(f"{resp.endpoint.describe()} answered {what} with more than "
+                                                    f"{limit} bytes; at most {limit} are allowed "
+                                                    "(the descriptor's size)")
+                    if progress:
+                        progress(len(chunk))
+                    batch.append(chunk)
+                    batched += len(chunk)
+                if batched and (batched >= WRITE_BATCH or not chunk):
+                    if pending is not None:
+                        await asyncio.shield(pending)  # a cancel must not detach a running write
+                    pending = asyncio.ensure_future(asyncio.to_thread(write, batch))
+                    batch, batched = [], 0
+                if not chunk:
+                    break
+            if pending is not None:
+                await asyncio.shield(pending)
+        finally:
+            if pending is not None and not pending.done():
+                await asyncio.wait([pending])  # never close the file under a running write
+            if pending is not None and pending.done() and not pending.cancelled():
+                pending.exception()  # retrieved: the error that matters is already propagating
 
     async def fetch_ranges(self, ref: Reference, digest: str, ranges: list[tuple[int, int]]) -> list[bytes]:
         """Bytes of each ``(offset, length)`` range of a blob, in the order asked.
@@ -553,12 +684,11 @@ class RegistryClient:
                                     capability=CAP_PULL, headers={"Range": f"bytes={off}-{off + length - 1}"},
                                     ok=(200, 206), what=what)
             try:
-                if resp.status == 200:
-                    return (await resp.read(off + length))[off:]
-                start = _content_range_start(resp.headers.get("Content-Range"), what)
-                if start != off:
+                # 200: the registry ignored Range; skip to ``off`` without keeping what comes before.
+                start = 0 if resp.status == 200 else _content_range_start(resp.headers.get("Content-Range"), what)
+                if start > off:
                     raise RangeNotSupportedError(f"{resp.endpoint.describe()} answered {what} with bytes from {start}")
-                return await resp.read(length)
+                return (await resp.collect(start, [r]))[r]
             finally:
                 resp.close()
 
@@ -620,7 +750,7 @@ class RegistryClient:
             await self._fetch_singles(ref, digest, batch, got)
             return
         spec = ",".join(f"{o}-{o + n - 1}" for o, n in batch)
-        what = f"{len(batch)} ranges of blob {digest}"
+        what = f"{len(batch)} ranges of blob {digest} in {ref.name}"
         try:
             resp = await self._call(ref.registry, ref.repository, "GET", f"/{ref.repository}/blobs/{digest}",
                                     capability=CAP_PULL, headers={"Range": f"bytes={spec}"}, ok=(200, 206), what=what)
@@ -640,28 +770,37 @@ class RegistryClient:
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
                 asyncio.TimeoutError) as exc:
             log.debug("multi-range answer broke off (%s); using single ranges with retries", type(exc).__name__)
-            parts = []
+            parts = {}
         missing = []
         for r in batch:
-            off, length = r
-            for start, data in parts:
-                if start <= off and off + length <= start + len(data):
-                    got[r] = data[off - start : off - start + length]
-                    break
+            data = parts.get(r)
+            if data is not None and len(data) == r[1]:
+                got[r] = data
             else:
                 missing.append(r)
         if missing:
             await self._fetch_singles(ref, digest, missing, got)
 
-    async def _read_parts(self, resp: _Response, batch: list[tuple[int, int]], what: str) -> list[tuple[int, bytes]]:
+    async def _read_parts(self, resp: _Response, batch: list[tuple[int, int]],
+                          what: str) -> dict[tuple[int, int], bytes]:
+        """The ranges of ``batch`` found in the answer to a multi-range GET (some may be missing or short).
+
+        A multipart answer may carry the asked bytes plus ``MULTIPART_PART_OVERHEAD`` per part;
+        a 200 (Range ignored) or a single 206 span is streamed, keeping only the wanted bytes.
+        """
         try:
             ctype = resp.headers.get("Content-Type", "")
             if resp.status == 200:
-                return [(0, await resp.read(max(o + n for o, n in batch)))]
+                return await resp.collect(0, batch)
             if ctype.startswith("multipart/byteranges"):
-                return _parse_multipart(await resp.read(), _boundary(ctype), what)
+                asked = sum(n for _, n in batch)
+                overhead = (len(batch) + 1) * MULTIPART_PART_OVERHEAD
+                allowed = f" ({asked} bytes asked for plus {overhead} of multipart delimiters and part headers)"
+                resp.check_length(asked + overhead, what, allowed)
+                body = await resp.read(asked + overhead, what, allowed)
+                return _pick_ranges(_parse_multipart(body, _boundary(ctype), what), batch)
             start = _content_range_start(resp.headers.get("Content-Range"), what)
-            return [(start, await resp.read())]
+            return await resp.collect(start, batch)
         finally:
             resp.close()
 
@@ -688,13 +827,13 @@ class RegistryClient:
         size = len(source) if isinstance(source, bytes) else os.path.getsize(source)
         chunk = max(1, self.config.upload_chunk_size)
         if size <= chunk:
-            data = source if isinstance(source, bytes) else Path(source).read_bytes()
+            data = source if isinstance(source, bytes) else await asyncio.to_thread(Path(source).read_bytes)
             await self._finish_upload(ref, digest, location, data, progress)
             return "uploaded"
         offset = 0
         with (open(source, "rb") if not isinstance(source, bytes) else _BytesReader(source)) as f:  # type: ignore[arg-type]
             while offset < size:
-                data = f.read(chunk)
+                data = f.read(chunk) if isinstance(f, _BytesReader) else await asyncio.to_thread(f.read, chunk)
                 headers = {"Content-Type": "application/octet-stream",
                            "Content-Range": f"{offset}-{offset + len(data) - 1}"}
                 resp = await self._upload_request(ref, "PATCH", location, headers, data, (202,), digest)
@@ -830,6 +969,18 @@ def _boundary(content_type: str) -> str:
     if not m:
         raise RangeNotSupportedError(f"multipart answer without a boundary: {content_type!r}")
     return m.group(1)
+
+
+def _pick_ranges(parts: list[tuple[int, bytes]], batch: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
+    """Each ``(offset, length)`` of ``batch`` that lies inside one of the ``(start, data)`` parts."""
+    out: dict[tuple[int, int], bytes] = {}
+    for r in batch:
+        off, length = r
+        for start, data in parts:
+            if start <= off and off + length <= start + len(data):
+                out[r] = data[off - start : off - start + length]
+                break
+    return out
 
 
 def _parse_multipart(body: bytes, boundary: str, what: str) -> list[tuple[int, bytes]]:

@@ -36,3 +36,7 @@ class DigestMismatchError(RegistryError):
 
 class ManifestError(RegistryError):
     """A manifest or index is malformed, of an unknown type, or lacks the wanted platform."""
+
+
+class ResponseTooLargeError(RegistryError):
+    """An answer carries more bytes than the request allows (a misbehaving or hostile server)."""
