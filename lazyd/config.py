@@ -8,9 +8,15 @@ from typing import Any
 
 from lazyd.configfile import ConfigError, load_dataclass, read_toml
 from lazyd.registry import RegistryConfig
+from lazyd.unixsocket import group_exists
 
 DEFAULT_CONFIG = Path("/etc/lazyd/config.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MIN_CACHE_SIZE = 16 * 1024 * 1024
+"""Smallest ``cache_size``: four chunks of 4 MiB, the chunk size of lazyd's converter and of the
+reference's (the largest chunks of the images lazyd makes).  Reads stay correct below it (a
+read pins its chunks), but a sequential read of big files then evicts the chunks fetched ahead
+of it before it gets to them and fetches them again (docs/config.md has the measurements)."""
 
 
 @dataclass(frozen=True)
@@ -21,7 +27,10 @@ class DaemonConfig:
     """State directory: chunk cache, layer metadata, worker state."""
 
     socket: str = "/run/lazyd/lazyd.sock"
-    """API socket (created mode 0600)."""
+    """API socket (created mode 0600, or 0660 with ``socket_group``)."""
+
+    socket_group: str | None = None
+    """Group that may use the API socket (mode 0660, owner root:group); unset: root only (0600)."""
 
     workers: int = 2
     """Number of FUSE worker processes; mounts are spread over them."""
@@ -102,7 +111,9 @@ class DaemonConfig:
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [
             ("workers", 1 <= self.workers <= 64, "must be between 1 and 64"),
-            ("cache_size", self.cache_size >= 1024 * 1024, "must be at least 1048576 bytes"),
+            ("cache_size", self.cache_size >= MIN_CACHE_SIZE,
+             f"must be at least {MIN_CACHE_SIZE} bytes (16 MiB: room for four 4 MiB chunks, the default chunk size, "
+             "so chunks fetched ahead of a read are not evicted before it gets to them)"),
             ("prefetch_timeout", self.prefetch_timeout >= 0, "must not be negative"),
             ("background_batch_size", self.background_batch_size >= 4096, "must be at least 4096"),
             ("background_delay", self.background_delay >= 0, "must not be negative"),
@@ -123,6 +134,8 @@ class DaemonConfig:
             ("log_level", self.log_level in LOG_LEVELS, f"must be one of {', '.join(LOG_LEVELS)}"),
             ("root", self.root.startswith("/"), "must be an absolute path"),
             ("socket", self.socket.startswith("/"), "must be an absolute path"),
+            ("socket_group", self.socket_group is None or group_exists(self.socket_group),
+             "is not a group on this host (see 'getent group')"),
         ]
         for key, ok, why in checks:
             if not ok:

@@ -6,20 +6,50 @@ Keys are ``"<layer digest>@<blob offset>+<inner offset>"`` strings so that they
 sort by layer.  Values are the chunk's decompressed bytes, written only after
 their digest was checked.  Eviction is least-recently-used under a size cap, and
 the cache persists across restarts.
+
+Pins: a reader pins the chunks it is about to have fetched (``pin``) and unpins them
+once it has copied them (``unpin``), so eviction -- which only this module does, in
+``put_many`` -- never removes a chunk between the fetcher storing it and the reader
+loading it, however small the cap.  Pins live in a table of the same SQLite database
+(every process sees them) and expire, so a reader that dies holding one cannot keep a
+chunk forever.
+
+The cap covers everything on disk: value files, the SQLite database and its write-ahead
+log.  ``put_many`` writes in groups of at most one default-size chunk and makes room for
+each group (and for the groups other threads are writing) before writing it, so the store
+stays under the cap except by chunks pinned beyond it.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import diskcache
 
+log = logging.getLogger(__name__)
+
 # Values larger than this are stored as files, so a partial read can seek.
 _MIN_FILE_SIZE = 32 * 1024
+# ``put_many`` writes and inserts at most this many bytes at a time (one default-size eStargz
+# chunk; a bigger chunk goes alone), making room under the cap before each group.
+_GROUP_BYTES = 4 << 20
+# Chunks evicted per transaction while culling (what diskcache's own cull uses).
+_CULL_BATCH = 10
+_PIN_TABLE = "LazydPin"
+# SQLite's write-ahead log: about 4 MiB between checkpoints (1000 pages), cut back to this
+# when it grew beyond, and counted as at least this much of the cap.
+_WAL_LIMIT = 4 << 20
+
+
+_SQLITE_CACHE_PAGES = 1024
+"""SQLite page cache per connection, in pages (4 MiB at 4 KiB pages)."""
 
 
 @dataclass(frozen=True)
@@ -56,10 +86,24 @@ class ChunkStore:
             size_limit=size_limit,
             eviction_policy="least-recently-used",
             disk_min_file_size=_MIN_FILE_SIZE,
-            cull_limit=10,
+            cull_limit=0,  # diskcache never culls on its own: ``_cull`` does, honouring pins
             statistics=False,
             tag_index=True,
+            # A write-ahead log that grew past _WAL_LIMIT while readers held checkpoints back is
+            # cut back to it at the next one, not kept at its largest.
+            sqlite_journal_size_limit=_WAL_LIMIT,
+            # Every connection (one per thread, in every process) gets a small page cache and
+            # no memory map of the database: with diskcache's defaults (32 MiB, 64 MiB) each
+            # store thread of the fetcher grew it by up to ~100 MB (bench/bench_memory.py).
+            sqlite_cache_size=_SQLITE_CACHE_PAGES,
+            sqlite_mmap_size=0,
         )
+        self._cache._sql(  # noqa: SLF001 - our table in diskcache's database
+            f"CREATE TABLE IF NOT EXISTS {_PIN_TABLE} (key TEXT NOT NULL, owner TEXT NOT NULL, expires REAL NOT NULL)")
+        self._pin_ids = itertools.count(1)
+        self._wal_reserve = min(_WAL_LIMIT, size_limit // 4)
+        self._writing = 0  # bytes of groups this process is writing (see ``_insert``)
+        self._writing_cond = threading.Condition()
 
     def close(self) -> None:
         self._cache.close()
@@ -119,39 +163,97 @@ class ChunkStore:
         except OSError:  # evicted between the query and the read
             return None
 
-    def touch(self, keys: Iterable[ChunkKey]) -> None:
-        """Mark stored chunks as just used (for LRU eviction), in one transaction."""
+    def touch(self, keys: Iterable[ChunkKey], times: Sequence[float] | None = None) -> None:
+        """Mark stored chunks as used (for LRU eviction), in one transaction: at ``times``
+        (one per key, ``time.time()`` values; default: now).  A chunk's recency never moves back."""
         now = time.time()
+        codes = [key.encode() for key in keys]
+        when = list(times) if times is not None else [now] * len(codes)
+        if len(when) != len(codes):
+            raise ValueError(f"touch: {len(codes)} keys but {len(when)} times")
         with self._cache.transact():
-            for key in keys:
-                self._cache._sql(  # noqa: SLF001 - what diskcache's get does for this policy
-                    "UPDATE Cache SET access_time = ? WHERE key = ? AND raw = 1", (now, key.encode()))
+            self._cache._con.executemany(  # noqa: SLF001 - what diskcache's get does for this policy
+                "UPDATE Cache SET access_time = MAX(access_time, ?) WHERE key = ? AND raw = 1", zip(when, codes))
 
     def put(self, key: ChunkKey, data: bytes) -> None:
         """Store a verified chunk (callers check the digest first)."""
-        self._cache.set(key.encode(), bytes(data), tag=key.layer)
+        self.put_many([(key, data)])
 
     def put_many(self, items: Iterable[tuple[ChunkKey, bytes]]) -> None:
-        """Store verified chunks with one bulk insert in one transaction, then cull once.
+        """Store verified chunks with bulk inserts, culling to the cap (pinned chunks stay).
 
-        ``put`` costs diskcache's full ``set`` per chunk (several statements, a cull check and a
-        commit): about 1 ms, which caps the store at about 1,000 small chunks a second.  This
-        writes the rows ``set`` would write (values through diskcache's own ``Disk.store``, so
-        large ones become files), in one ``executemany``; diskcache's triggers keep its count
-        and size.  A chunk stored meanwhile by someone else is kept (same verified bytes).
+        diskcache's ``set`` costs several statements, a cull check and a commit per chunk:
+        about 1 ms, which caps the store at about 1,000 small chunks a second.  This writes
+        the rows ``set`` would write (values through diskcache's own ``Disk.store``, so large
+        ones become files) with one ``executemany`` per group of up to ``_GROUP_BYTES``
+        (one group for a batch of small chunks); diskcache's triggers keep its count and
+        size.  Before each group it evicts enough to fit the group under the cap (``_insert``).
+        A chunk stored meanwhile by someone else is kept (same verified bytes).  A chunk
+        bigger than the cap (less the log's reserve) is stored only while pinned (a reader
+        waits for it): otherwise it would push out everything else and then be evicted itself.
         """
+        chunks: dict[str, tuple[ChunkKey, bytes]] = {}
+        for key, data in items:
+            chunks.setdefault(key.encode(), (key, bytes(data)))
+        room = self.size_limit - self._wal_reserve
+        oversize = [code for code, (_, data) in chunks.items() if len(data) > room]
+        if oversize:
+            pinned = self._pinned(oversize)
+            for code in oversize:
+                if code not in pinned:
+                    log.debug("not storing chunk %s: its %d bytes do not fit the %d-byte cap and no reader "
+                              "waits for it", code, len(chunks.pop(code)[1]), self.size_limit)
+        group: list[tuple[str, ChunkKey, bytes]] = []
+        size = 0
+        for code, (key, data) in chunks.items():
+            if group and size + len(data) > _GROUP_BYTES:
+                self._insert(group, size)
+                group, size = [], 0
+            group.append((code, key, data))
+            size += len(data)
+        if group:
+            self._insert(group, size)
+
+    def _insert(self, group: list[tuple[str, ChunkKey, bytes]], size: int) -> None:
+        """Make room for ``size`` bytes, write and insert ``group``, cull to the cap.
+
+        Room is made for the groups other threads of this process are writing too (their
+        files are on disk before their rows count); when eviction cannot make room next to
+        them, this waits until they are in, so concurrent stores do not overshoot the cap
+        together.  A group smaller than a value file goes into the database with neither:
+        the cull after it is enough.
+        """
+        big = size >= _MIN_FILE_SIZE
+        if big:
+            with self._writing_cond:
+                while True:
+                    others = self._writing
+                    if self._footprint() + others + size <= self.size_limit:
+                        break
+                    self._cull(self.size_limit - size - others)
+                    if not others or self._footprint() + others + size <= self.size_limit:
+                        break
+                    self._writing_cond.wait(1.0)  # all that is left is pinned or being written
+                self._writing += size
+        try:
+            self._write(group)
+        finally:
+            if big:
+                with self._writing_cond:
+                    self._writing -= size
+                    self._writing_cond.notify_all()
+        if self._footprint() > self.size_limit:
+            self._cull(self.size_limit)
+
+    def _write(self, group: list[tuple[str, ChunkKey, bytes]]) -> None:
+        """Write the values of ``group`` and insert their rows in one transaction."""
         cache = self._cache
         disk = cache._disk  # noqa: SLF001 - diskcache's value encoder
         now = time.time()
         rows: dict[str, tuple[object, ...]] = {}
-        for key, data in items:
-            code = key.encode()
-            if code in rows:
-                continue
-            size, mode, filename, db_value = disk.store(bytes(data), False, key=code)
-            rows[code] = (code, 1, now, None, now, 0, key.layer, size, mode, filename, db_value)
-        if not rows:
-            return
+        for code, key, data in group:
+            stored_size, mode, filename, db_value = disk.store(data, False, key=code)
+            rows[code] = (code, 1, now, None, now, 0, key.layer, stored_size, mode, filename, db_value)
         codes = list(rows)
         with cache.transact():
             sql = cache._sql  # noqa: SLF001 - same connection as the transaction
@@ -165,8 +267,92 @@ class ChunkStore:
             cache._con.executemany(  # noqa: SLF001
                 "INSERT INTO Cache(key, raw, store_time, expire_time, access_time, access_count, tag, size,"
                 " mode, filename, value) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", list(rows.values()))
-        if cache.volume() > self.size_limit:
-            cache.cull()
+
+    def _file_size(self, suffix: str) -> int:
+        try:
+            return (self.directory / f"{diskcache.core.DBNAME}{suffix}").stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def _sqlite_bytes(self, reserve: bool = True) -> int:
+        """The SQLite files on disk: the database file (it shrinks only at checkpoints, so it
+        can be bigger than its pages in use) and the write-ahead log.  The log grows to about
+        4 MiB between checkpoints and keeps that size; with ``reserve`` it counts as that much
+        from the start (at most a quarter of the cap), so its growth cannot take the store over."""
+        ((pages,),) = self._cache._sql("PRAGMA page_count").fetchall()  # noqa: SLF001
+        logical = pages * self._cache._page_size  # noqa: SLF001
+        wal = self._file_size("-wal")
+        return max(logical, self._file_size("")) + (max(self._wal_reserve, wal) if reserve else wal)
+
+    def _values_bytes(self) -> int:
+        """diskcache's running total of value sizes (values stored in the database included)."""
+        return int(self._cache.reset("size"))
+
+    def _footprint(self, reserve: bool = True) -> int:
+        """Bytes the store takes on disk, as eviction counts them (``reserve``: see
+        ``_sqlite_bytes``); values kept in the database count twice, which errs on the safe side."""
+        return self._values_bytes() + self._sqlite_bytes(reserve)
+
+    def _cull(self, target: int) -> int:
+        """Evict least-recently-used chunks that are not pinned until the store's footprint is
+        at most ``target`` (or nothing unpinned is left); returns how many were evicted."""
+        cache = self._cache
+        now = time.time()
+        # The SQLite files once: deleting rows does not shrink them before a checkpoint (the log
+        # grows), so re-reading them could evict far too much.
+        values_target = target - self._sqlite_bytes()
+        evicted = 0
+        while self._values_bytes() > values_target:
+            with cache._transact() as (sql, cleanup):  # noqa: SLF001 - removes the files after the commit
+                sql(f"DELETE FROM {_PIN_TABLE} WHERE expires <= ?", (now,))  # left by readers that died
+                rows = sql(f"SELECT rowid, filename FROM Cache WHERE key NOT IN"
+                           f" (SELECT key FROM {_PIN_TABLE} WHERE expires > ?)"
+                           f" ORDER BY access_time LIMIT {_CULL_BATCH}", (now,)).fetchall()
+                if rows:
+                    sql(f"DELETE FROM Cache WHERE rowid IN ({','.join('?' * len(rows))})", [r[0] for r in rows])
+                    for _, filename in rows:
+                        cleanup(filename)
+            if not rows:
+                break
+            evicted += len(rows)
+        return evicted
+
+    # -- pins ---------------------------------------------------------------------
+
+    def pin(self, keys: Iterable[ChunkKey], seconds: float) -> str:
+        """Keep ``keys`` (stored or not yet) from eviction for at most ``seconds``; returns the
+        pin's id for ``unpin``.  Several pins of one chunk are independent."""
+        owner = f"{os.getpid()}.{next(self._pin_ids)}"
+        expires = time.time() + seconds
+        rows = [(code, owner, expires) for code in dict.fromkeys(k.encode() for k in keys)]
+        with self._cache.transact():
+            self._cache._con.executemany(  # noqa: SLF001
+                f"INSERT INTO {_PIN_TABLE} (key, owner, expires) VALUES (?, ?, ?)", rows)
+        return owner
+
+    def unpin(self, *pin_ids: str) -> None:
+        """Drop pins made by ``pin``; their chunks become evictable again (unless pinned otherwise)."""
+        for i in range(0, len(pin_ids), 500):
+            part = pin_ids[i : i + 500]
+            self._cache._sql(  # noqa: SLF001
+                f"DELETE FROM {_PIN_TABLE} WHERE owner IN ({','.join('?' * len(part))})", part)
+
+    def pin_count(self) -> int:
+        """Pins in force (unexpired), over all processes."""
+        row = self._cache._sql(  # noqa: SLF001
+            f"SELECT COUNT(DISTINCT owner) FROM {_PIN_TABLE} WHERE expires > ?", (time.time(),)).fetchone()
+        return int(row[0])
+
+    def _pinned(self, codes: list[str]) -> set[str]:
+        """Which of the encoded keys ``codes`` are pinned now."""
+        found: set[str] = set()
+        for i in range(0, len(codes), 500):
+            part = codes[i : i + 500]
+            rows = self._cache._sql(  # noqa: SLF001
+                f"SELECT key FROM {_PIN_TABLE} WHERE key IN ({','.join('?' * len(part))}) AND expires > ?",
+                (*part, time.time())).fetchall()
+            found.update(row[0] for row in rows)
+        return found
 
     def evict(self, layer: str | None = None) -> int:
         """Drop one layer's chunks, or everything; returns how many were removed."""
@@ -184,7 +370,7 @@ class ChunkStore:
 
     def stats(self) -> StoreStats:
         return StoreStats(
-            size=int(self._cache.volume()),
+            size=self._footprint(reserve=False),
             limit=self.size_limit,
             count=len(self._cache),
             directory=str(self.directory),

@@ -50,6 +50,47 @@ def decompress_member(data: bytes | memoryview, limit: int | None = None) -> tup
     return out, bool(d.eof), consumed
 
 
+class MemberReader:
+    """The first gzip member of ``data``, inflated incrementally: ``read(n)`` inflates at most
+    ``n`` bytes, feeding the input ``IN_STEP`` bytes at a time, so neither a large member nor
+    one that inflates enormously (a "gzip bomb") costs more memory than the caller asks for."""
+
+    IN_STEP = 64 * 1024
+
+    def __init__(self, data: bytes | memoryview) -> None:
+        self._d = DECOMPRESSOR.decompressobj(GZIP_WBITS)
+        self._view = memoryview(data)
+        self._pos = 0
+        self._pending: bytes | memoryview = b""
+
+    @property
+    def eof(self) -> bool:
+        """The member's trailer was reached (its CRC and length checked)."""
+        return bool(self._d.eof)
+
+    def read(self, n: int) -> bytes:
+        """Up to ``n`` inflated bytes; fewer only at the member's end or the end of the input.
+
+        Raises the backend's error (see DECOMPRESS_ERRORS) for invalid data."""
+        parts: list[bytes] = []
+        got = 0
+        d = self._d
+        while got < n and not d.eof:
+            if not self._pending:
+                if self._pos >= len(self._view):
+                    break
+                self._pending = self._view[self._pos : self._pos + self.IN_STEP]
+                self._pos += len(self._pending)
+            out = d.decompress(self._pending, n - got)
+            self._pending = d.unconsumed_tail
+            if out:
+                parts.append(out)
+                got += len(out)
+        if d.eof:
+            self._pending = b""
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 def decompress_prefix_checked(data: bytes | memoryview, want: int, max_rest: int = 1 << 28) -> tuple[bytes, bool]:
     """The first ``want`` decompressed bytes of the first gzip member in ``data``, after
     decompressing (and discarding) the rest of that member so its CRC is checked.

@@ -16,11 +16,11 @@ import io
 import tarfile
 
 from lazyd.estargz.entries import ENTRY_TYPES, MAX_FILE_SIZE, Chunk, TOCEntry, decode_entries
-from lazyd.estargz.errors import TOCDigestMismatch, TOCError, TruncatedBlobError, UnsafePathError
-from lazyd.estargz.gzipio import DECOMPRESS_ERRORS, decompress_member
+from lazyd.estargz.errors import EStargzError, TOCDigestMismatch, TOCError, TruncatedBlobError, UnsafePathError
+from lazyd.estargz.gzipio import DECOMPRESS_ERRORS, MemberReader
 from lazyd.estargz.names import normalize_name, parent_of  # noqa: F401 (re-exported)
 
-__all__ = ["ENTRY_TYPES", "MAX_FILE_SIZE", "TOC", "Chunk", "TOCEntry", "decode_toc_member", "normalize_name",
+__all__ = ["ENTRY_TYPES", "MAX_FILE_SIZE", "MAX_TOC_JSON_SIZE", "MAX_TOC_MEMBER_SIZE", "TOC", "Chunk", "TOCEntry", "decode_toc_member", "normalize_name",
            "parent_of", "toc_digest"]
 
 TOC_TAR_NAME = "stargz.index.json"
@@ -29,20 +29,67 @@ NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
 LANDMARK_CONTENTS = b"\x0f"
 
 MAX_CHUNK_SIZE = 1 << 30     # one chunk is decompressed and verified in memory
-MAX_TOC_JSON_SIZE = 1 << 29  # 512 MiB of JSON
+
+MAX_TOC_JSON_SIZE = 128 << 20
+"""Largest ``stargz.index.json`` accepted: 128 MiB.
+
+A TOC costs about 360 bytes of JSON per entry (two sha256 digests and a path per file), so
+this admits about 370,000 entries; the biggest real layers have 100,000-200,000 (30-70 MB).
+The whole JSON is held in memory to be verified and parsed, and parsing briefly costs about
+4.5x the JSON's size (measured: 150 MB for a 34 MB, 100,000-entry TOC), so the cap bounds
+what one hostile layer can make a process allocate.  It is checked against the tar header's
+size before anything is inflated, and the inflater never produces more than the header
+promised (plus ``TOC_TAR_SLACK``), so a small member that inflates to gigabytes (a TOC
+bomb) is refused after inflating at most the cap -- and at once if its header is honest."""
+
+MAX_TOC_MEMBER_SIZE = 48 << 20
+"""Largest compressed TOC member accepted: 48 MiB.
+
+The footer says where the TOC member starts, so a hostile footer can make it the whole blob;
+this cap is checked before the member is fetched.  TOC JSON compresses at least 3x (its
+least compressible part is the hex digests: measured 3.8x on a 100,000-entry TOC with two
+random digests per file), so 48 MiB holds any TOC under ``MAX_TOC_JSON_SIZE``."""
+
+TOC_TAR_SLACK = 1 << 20
+"""Inflated bytes allowed after the JSON in the TOC member: the tar padding and end blocks
+(at most 10 KiB with any tar writer); a member that goes on longer is refused."""
+
+_TAR_HEAD = 64 * 1024  # inflated bytes read to find the tar header (PAX records included)
+_PIECE = 1 << 20  # the JSON is inflated and hashed this many bytes at a time
 
 
-def decode_toc_member(data: bytes | memoryview) -> bytes:
+def decode_toc_member(data: bytes | memoryview, expected_digest: str | None = None) -> bytes:
     """Decompress the TOC gzip member (trailing bytes, e.g. the footer, are ignored),
-    read its tar wrapper and return the ``stargz.index.json`` bytes."""
+    read its tar wrapper and return the ``stargz.index.json`` bytes.
+
+    Inflates no more than the tar header announces (refused above ``MAX_TOC_JSON_SIZE``) plus
+    ``TOC_TAR_SLACK``, and reads at most ``MAX_TOC_MEMBER_SIZE`` compressed bytes.  With
+    ``expected_digest`` the member is first inflated and hashed without keeping anything
+    (TOCDigestMismatch, or any other refusal, then costs no memory) and only a member that
+    matches is inflated again and returned: inflating is fast (about 0.05 s for a
+    100,000-entry TOC), holding a hostile JSON is not.
+    """
+    view = memoryview(data)
+    if expected_digest is not None:
+        _, digest = _inflate_json(view, keep=False)
+        if digest != expected_digest:
+            raise TOCDigestMismatch(f"TOC digest is {digest}, expected {expected_digest}")
+    body, _ = _inflate_json(view, keep=True)
+    return body
+
+
+def _inflate_json(view: memoryview, keep: bool) -> tuple[bytes, str]:
+    """(the JSON if ``keep`` else b"", its digest if not ``keep`` else ""): every check of
+    ``decode_toc_member`` but the digest's."""
+    reader = MemberReader(view[:MAX_TOC_MEMBER_SIZE])
     try:
-        raw, ended, _ = decompress_member(data, MAX_TOC_JSON_SIZE + 4096)
+        head = reader.read(_TAR_HEAD)
     except DECOMPRESS_ERRORS as exc:
         raise TOCError(f"TOC member is not valid gzip: {exc}") from None
-    if not ended and len(raw) < MAX_TOC_JSON_SIZE + 4096:
-        raise TruncatedBlobError(f"TOC member is truncated ({len(data)} compressed bytes end mid-stream)")
+    if len(head) < _TAR_HEAD and not reader.eof:
+        raise _cut(len(view))
     try:
-        tf = tarfile.open(fileobj=io.BytesIO(raw), mode="r:")
+        tf = tarfile.open(fileobj=io.BytesIO(head), mode="r:")
         member = tf.next()
     except tarfile.TarError as exc:
         raise TOCError(f"TOC member does not hold a tar: {exc}") from None
@@ -52,10 +99,48 @@ def decode_toc_member(data: bytes | memoryview) -> bytes:
         raise TOCError(f"TOC tar entry is {member.name!r}, want regular file {TOC_TAR_NAME!r}")
     if member.size > MAX_TOC_JSON_SIZE:
         raise TOCError(f"TOC JSON of {member.size} bytes is larger than {MAX_TOC_JSON_SIZE}")
-    body = raw[member.offset_data : member.offset_data + member.size]
-    if len(body) != member.size:
-        raise TruncatedBlobError(f"TOC JSON has {len(body)} of {member.size} bytes")
-    return body
+    if member.offset_data > len(head):
+        raise TOCError(f"TOC tar header takes {member.offset_data} bytes (more than {_TAR_HEAD})")
+    first = head[member.offset_data : member.offset_data + member.size]
+    after = len(head) - member.offset_data - len(first)  # inflated bytes after the JSON so far
+    del head
+    hasher = None if keep else hashlib.sha256(first)
+    pieces = [first] if keep else []
+    remaining = member.size - len(first)
+    try:
+        while remaining > 0:
+            piece = reader.read(min(remaining, _PIECE))
+            if not piece:
+                break
+            if keep:
+                pieces.append(piece)
+            else:
+                hasher.update(piece)  # type: ignore[union-attr]
+            remaining -= len(piece)
+        while not reader.eof and after <= TOC_TAR_SLACK:
+            rest = reader.read(_PIECE)
+            if not rest:
+                break
+            after += len(rest)
+    except DECOMPRESS_ERRORS as exc:
+        raise TOCError(f"TOC member is not valid gzip: {exc}") from None
+    if remaining > 0 and reader.eof:
+        raise TruncatedBlobError(f"TOC JSON has {member.size - remaining} of {member.size} bytes")
+    if not reader.eof:
+        if after > TOC_TAR_SLACK:
+            raise TOCError(f"TOC member goes on for more than {TOC_TAR_SLACK} bytes after the "
+                           f"{member.size}-byte JSON")
+        raise _cut(len(view))
+    if not keep:
+        return b"", "sha256:" + hasher.hexdigest()  # type: ignore[union-attr]
+    return (pieces[0] if len(pieces) == 1 else b"".join(pieces)), ""
+
+
+def _cut(given: int) -> EStargzError:
+    """The error for a TOC member that did not end within the input."""
+    if given > MAX_TOC_MEMBER_SIZE:
+        return TOCError(f"TOC member is larger than {MAX_TOC_MEMBER_SIZE} bytes")
+    return TruncatedBlobError(f"TOC member is truncated ({given} compressed bytes end mid-stream)")
 
 
 def toc_digest(json_bytes: bytes) -> str:

@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 MAX_FALLBACKS_SHOWN = 100
 COUNTERS_SAVE_INTERVAL = 5.0  # seconds; a kill -9 loses at most this much of the per-layer counts
+LAYER_COLLECT_INTERVAL = 60.0  # seconds between passes that forget layers no mount uses
 
 
 def _parse_ref(text: str) -> Reference:
@@ -138,7 +139,7 @@ class Daemon:
                                    window_min=cfg.demand_window_min, window_max=cfg.demand_window_max,
                                    background_share=cfg.background_share, quiet=cfg.background_delay,
                                    share_after=cfg.background_share_after)
-        self.server = Server(cfg.socket, self._ops())
+        self.server = Server(cfg.socket, self._ops(), cfg.socket_group)
         await self.server.start()
         log.info("lazyd %s serving %s (root %s)", VERSION, cfg.socket, self.root)
         self.supervisor = Supervisor(self.root, cfg.workers, cfg.socket, self.root / "cache", cfg.cache_size,
@@ -170,9 +171,21 @@ class Daemon:
         return 0
 
     async def _save_counters_every(self, interval: float) -> None:
+        """Save the layer counters, and forget the layers no mount uses (``LayerTable.collect``)."""
+        collected = time.monotonic()
         while True:
             await asyncio.sleep(interval)
             self.layers.save_counters()
+            if time.monotonic() - collected < LAYER_COLLECT_INTERVAL:
+                continue
+            collected = time.monotonic()
+            in_use = {m.layer_digest for m in self.mounts.values()} | set(self._tasks) | set(self._prefetch)
+            for digest in await self.layers.collect(in_use, self._has_chunks):
+                self.scheduler.forget(digest)
+
+    def _has_chunks(self, digest: str) -> bool:
+        """Whether the chunk store holds any chunk of layer ``digest`` (runs in a thread)."""
+        return self.store.layer_usage(digest)[0] > 0
 
     async def _close(self) -> None:
         for task in list(self._tasks.values()) + list(self._prefetch.values()):
@@ -188,6 +201,7 @@ class Daemon:
         if self._pulls is not None:
             await self._pulls.close()
         await self.registry.close()
+        self.scheduler.close()
         self.store.close()
 
     async def _unmount_everything(self) -> None:
@@ -225,7 +239,7 @@ class Daemon:
             if record.mount_id in self.mounts:
                 continue
             self.mounts[record.mount_id] = record
-            if self.layers.get(record.layer_digest) is None:
+            if await self.layers.load(record.layer_digest) is None:
                 record.state, record.error = "error", f"layer metadata of {record.layer_digest} is missing"
                 continue
             found = live.pop(record.mount_id, None)
@@ -245,7 +259,7 @@ class Daemon:
 
     async def _reestablish(self, record: MountRecord) -> None:
         """Mount ``record`` again (same id and mountpoint) on its worker, or the least loaded one."""
-        layer = self.layers.get(record.layer_digest)
+        layer = await self.layers.load(record.layer_digest)
         if layer is None:
             record.state, record.error = "error", f"layer {record.layer_digest} is unknown"
             return
@@ -352,7 +366,7 @@ class Daemon:
         return wrapped
 
     async def op_fetch(self, args: FetchArgs) -> None:
-        layer = self.layers.get(args.layer_digest)
+        layer = await self.layers.load(args.layer_digest)
         if layer is None:
             raise ApiError(NOT_FOUND, f"layer {args.layer_digest} is not known to this fetcher")
         members: dict[int, Member] = {}
@@ -419,11 +433,11 @@ class Daemon:
         return self._prefetch.get(digest)
 
     async def _run_prefetch(self, layer: Layer) -> None:
-        end = layer.toc.prefetch_end
+        end = layer.prefetch_end
         if not end:
             layer.counters.prefetch_state = "none"
             return
-        members = [m for m in layer.members if m.blob_offset < end]
+        members = layer.members.before(end)
         layer.counters.prefetch_state = "running"
         try:
             await self.scheduler.fetch(layer, members, "prefetch", max_range=None)
@@ -438,8 +452,14 @@ class Daemon:
         if prefetch is not None:
             await asyncio.gather(prefetch, return_exceptions=True)
         counters = layer.counters
+        if layer.content_size > self.store.size_limit:
+            # It could never be wholly cached: fetching it all would only push out chunks in use.
+            counters.background_state = "skipped"
+            log.info("layer %s: no background fetch, its %d bytes exceed cache_size (%d)", layer.digest,
+                     layer.content_size, self.store.size_limit)
+            return
         counters.background_state = "running"
-        missing = await asyncio.to_thread(self.scheduler.missing, layer, layer.members)
+        missing = await self.scheduler.in_store_thread(self.scheduler.missing, layer, layer.members)
         batch: list[Member] = []
         failed = 0
         for i, member in enumerate(missing):
@@ -493,8 +513,12 @@ class Daemon:
         except (RegistryError, asyncio.TimeoutError, OSError) as exc:
             reachable = False
             error = error or f"registry: {exc or type(exc).__name__}"
+        cached = False
+        layer = await self.layers.load(record.layer_digest)
+        if not reachable and layer is not None:
+            cached = not await self.scheduler.in_store_thread(self.scheduler.missing, layer, layer.members)
         state = record.state if served or record.state != "ready" else "broken"
-        return CheckResult(served=served, registry_reachable=reachable, state=state, error=error)
+        return CheckResult(served=served, registry_reachable=reachable, state=state, error=error, cached=cached)
 
     async def _worker_statuses(self) -> dict[int, WorkerStatusResult]:
         """``worker.status`` of each ready worker that answers, by worker id."""
@@ -525,13 +549,13 @@ class Daemon:
         for record in sorted(self.mounts.values(), key=lambda r: r.mountpoint):
             handle = self.supervisor.workers.get(record.worker_id)
             w = live.get(record.mount_id)
-            layer = self.layers.get(record.layer_digest)
+            layer = await self.layers.load(record.layer_digest)
             error = record.error or (w.last_error if w else None) or (layer.counters.last_error if layer else None)
             infos.append(MountInfo(
                 mount_id=record.mount_id, ref=record.ref, layer_digest=record.layer_digest,
                 toc_digest=record.toc_digest, mountpoint=record.mountpoint, state=record.state,
                 worker_id=record.worker_id, worker_pid=handle.pid if handle else 0,
-                layer=await asyncio.to_thread(self._layer_stats, layer),
+                layer=await self.scheduler.in_store_thread(self._layer_stats, layer),
                 reads=w.reads if w else 0, bytes_read=w.bytes_read if w else 0,
                 cache_hits=w.cache_hits if w else 0, cache_misses=w.cache_misses if w else 0,
                 fetch_errors=w.fetch_errors if w else 0, error=error))

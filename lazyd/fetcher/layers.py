@@ -7,19 +7,32 @@ adopted mounts without the registry; ``counters.json`` keeps the layer's fetch
 counters across restarts (saved every few seconds and on stop).  Next to it goes ``inodes.msgpack``: the
 worker's inode table, built once here while the TOC is parsed, so that a worker
 mounts a layer without parsing its TOC again (it falls back to ``toc.json``).
+
+Memory: the fetcher keeps no TOC.  The TOC is fetched, verified and parsed in a thread, and
+of it only a ``ChunkIndex`` stays: members and chunks in flat columns (about 70 bytes per
+chunk plus its file's name), persisted as ``chunks.index`` so that loading a layer again
+parses nothing.  ``Member`` objects are views made on access.  ``LayerTable.collect`` forgets
+layers no mount uses and deletes their directories once the store holds none of their chunks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 import json
 import logging
 import os
+import shutil
+import struct
+import sys
 import time
+from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import overload
 
 from lazyd.api.messages import (
     ANNOTATION_TOC_DIGEST,
@@ -33,6 +46,7 @@ from lazyd.api.messages import (
     ApiError,
     LayerStats,
 )
+from lazyd.cache.store import ChunkKey
 from lazyd.estargz import (
     TOC,
     Chunk,
@@ -42,6 +56,7 @@ from lazyd.estargz import (
     decode_toc_member,
     read_footer,
 )
+from lazyd.estargz.toc import MAX_TOC_MEMBER_SIZE
 from lazyd.fuse.inodes import InodeTable, InodeTableError
 from lazyd.registry import (
     Descriptor,
@@ -56,10 +71,18 @@ from lazyd.registry import (
 )
 
 INODES_FILE = "inodes.msgpack"
+INDEX_FILE = "chunks.index"
+TOC_FILE = "toc.json"
+META_FILE = "meta.json"
 COUNTERS_FILE = "counters.json"
 PERSISTED_COUNTERS = ("demand_bytes", "prefetch_bytes", "background_bytes", "registry_requests", "verify_errors")
 RECENT_IMAGES = 64
 MAX_KNOWN_SIZES = 4096
+MAX_UNUSED_LAYERS = 64
+"""Layers no mount uses that ``LayerTable.collect`` leaves in memory (the most recently used)."""
+COLLECT_IDLE = 600.0
+"""Seconds a layer must be unused (not opened or loaded) before ``collect`` forgets it: a pull
+opens its layers (``warm``) a little before it mounts them."""
 log = logging.getLogger(__name__)
 
 TAIL_SIZE = 64 * 1024
@@ -89,17 +112,284 @@ def registry_error(exc: RegistryError) -> ApiError:
     return ApiError(FETCH_FAILED, str(exc))
 
 
-@dataclass(frozen=True)
-class Member:
-    """One gzip member of the blob and the chunks decoded from it."""
+class ChunkIndexError(Exception):
+    """A persisted chunk index is unreadable or belongs to another TOC."""
 
-    blob_offset: int
-    blob_end: int
-    chunks: tuple[Chunk, ...]
+
+_INDEX_MAGIC = b"lazyd-chunk-index\n"
+_INDEX_VERSION = 1
+_INDEX_HEAD = struct.Struct("<IIQQQqB")  # version, digest length, members, chunks, names, prefetch end, flags
+_Q = "q"  # 64-bit columns
+_I = "i"  # 32-bit columns (name numbers)
+
+
+class ChunkIndex:
+    """What the fetcher keeps of a layer's TOC, packed into flat columns (no object per entry).
+
+    Members (gzip members with payload) in blob order: ``m_off`` and ``m_end`` (blob
+    extent), ``m_first`` (their first chunk; one more than members, ending with the chunk
+    count).  Chunks in blob order: ``c_inner``, ``c_size``, ``c_file_off``, ``c_name``
+    (number of the file's name) and ``digests`` (32 raw sha256 bytes each).  File names,
+    kept for error messages only, are ``names`` (UTF-8) cut at ``name_off``.  About 70 bytes
+    per chunk plus the name: a ``Chunk`` object is made only while a member is decoded.
+    """
+
+    __slots__ = ("m_off", "m_end", "m_first", "c_inner", "c_size", "c_file_off", "c_name", "digests",
+                 "name_off", "names", "prefetch_end", "no_prefetch")
+
+    def __init__(self) -> None:
+        self.m_off = array(_Q)
+        self.m_end = array(_Q)
+        self.m_first = array(_Q, [0])
+        self.c_inner = array(_Q)
+        self.c_size = array(_Q)
+        self.c_file_off = array(_Q)
+        self.c_name = array(_I)
+        self.digests = bytearray()
+        self.name_off = array(_Q, [0])
+        self.names = bytearray()
+        self.prefetch_end: int | None = None
+        self.no_prefetch = False
+
+    _COLUMNS = ("m_off", "m_end", "m_first", "c_inner", "c_size", "c_file_off", "c_name", "name_off")
+
+    @classmethod
+    def build(cls, members: Iterable[tuple[int, int, Iterable[Chunk]]], prefetch_end: int | None = None,
+              no_prefetch: bool = False) -> ChunkIndex:
+        """The index of ``(blob_offset, blob_end, chunks)`` members, given in blob order."""
+        index = cls()
+        names: dict[str, int] = {}
+        for blob_offset, blob_end, chunks in members:
+            index.m_off.append(blob_offset)
+            index.m_end.append(blob_end)
+            for c in chunks:
+                number = names.get(c.name)
+                if number is None:
+                    number = names[c.name] = len(names)
+                    index.names += c.name.encode("utf-8", "surrogatepass")
+                    index.name_off.append(len(index.names))
+                index.c_inner.append(c.inner_offset)
+                index.c_size.append(c.size)
+                index.c_file_off.append(c.file_offset)
+                index.c_name.append(number)
+                index.digests += _raw_digest(c.digest)
+            index.m_first.append(len(index.c_inner))
+        index.prefetch_end = prefetch_end
+        index.no_prefetch = no_prefetch
+        return index
+
+    @classmethod
+    def from_toc(cls, toc: TOC, toc_offset: int) -> ChunkIndex:
+        """The index of a parsed TOC (``toc.chunks`` are in blob order, grouped by member)."""
+        def members() -> Iterator[tuple[int, int, list[Chunk]]]:
+            for offset, group in itertools.groupby(toc.chunks, key=lambda c: c.blob_offset):
+                chunks = list(group)
+                end = chunks[0].blob_end
+                yield offset, end if end is not None else toc_offset, chunks
+        return cls.build(members(), toc.prefetch_end, toc.no_prefetch)
+
+    def __len__(self) -> int:
+        """The number of members."""
+        return len(self.m_off)
+
+    @property
+    def chunk_count(self) -> int:
+        return len(self.c_inner)
+
+    def nbytes(self) -> int:
+        """Bytes held by the columns."""
+        return sum(len(getattr(self, c)) * getattr(self, c).itemsize for c in self._COLUMNS) + len(
+            self.digests) + len(self.names)
+
+    def find(self, blob_offset: int) -> int:
+        """The number of the member starting at ``blob_offset``, or -1."""
+        i = bisect.bisect_left(self.m_off, blob_offset)
+        return i if i < len(self.m_off) and self.m_off[i] == blob_offset else -1
+
+    def chunk_span(self, i: int) -> range:
+        """The chunk numbers of member ``i``."""
+        return range(self.m_first[i], self.m_first[i + 1])
+
+    def chunk(self, i: int, j: int) -> Chunk:
+        """Chunk ``j`` (of member ``i``) as the decoder wants it."""
+        n = self.c_name[j]
+        name = self.names[self.name_off[n] : self.name_off[n + 1]].decode("utf-8", "surrogatepass")
+        return Chunk(name, self.c_file_off[j], self.c_size[j], self.m_off[i], self.m_end[i],
+                     "sha256:" + self.digests[32 * j : 32 * j + 32].hex(), self.c_inner[j])
+
+    def dumps(self, toc_digest: str) -> bytes:
+        """The index as bytes (``loads`` checks ``toc_digest``)."""
+        digest = toc_digest.encode()
+        flags = (1 if self.no_prefetch else 0) | (2 if sys.byteorder == "big" else 0)
+        head = _INDEX_HEAD.pack(_INDEX_VERSION, len(digest), len(self.m_off), len(self.c_inner),
+                                len(self.name_off) - 1, -1 if self.prefetch_end is None else self.prefetch_end, flags)
+        parts = [_INDEX_MAGIC, head, digest, *(getattr(self, c).tobytes() for c in self._COLUMNS),
+                 bytes(self.digests), bytes(self.names)]
+        return b"".join(parts)
+
+    @classmethod
+    def loads(cls, data: bytes, toc_digest: str) -> ChunkIndex:
+        """Read ``dumps`` output; ChunkIndexError when damaged, of another version or TOC."""
+        view = memoryview(data)
+        pos = len(_INDEX_MAGIC)
+        if bytes(view[:pos]) != _INDEX_MAGIC or len(view) < pos + _INDEX_HEAD.size:
+            raise ChunkIndexError("not a chunk index")
+        version, dlen, members, chunks, names, prefetch_end, flags = _INDEX_HEAD.unpack_from(view, pos)
+        pos += _INDEX_HEAD.size
+        if version != _INDEX_VERSION or bool(flags & 2) != (sys.byteorder == "big"):
+            raise ChunkIndexError(f"chunk index version {version} (flags {flags}) is not this lazyd's")
+        if bytes(view[pos : pos + dlen]).decode(errors="replace") != toc_digest:
+            raise ChunkIndexError(f"chunk index is not of TOC {toc_digest}")
+        pos += dlen
+        index = cls()
+        sizes = {"m_off": members, "m_end": members, "m_first": members + 1, "c_inner": chunks, "c_size": chunks,
+                 "c_file_off": chunks, "c_name": chunks, "name_off": names + 1}
+        for column in cls._COLUMNS:
+            arr = array(_I if column == "c_name" else _Q)
+            end = pos + sizes[column] * arr.itemsize
+            if end > len(view):
+                raise ChunkIndexError("chunk index is truncated")
+            arr.frombytes(view[pos:end])
+            setattr(index, column, arr)
+            pos = end
+        index.digests = bytearray(view[pos : pos + 32 * chunks])
+        pos += 32 * chunks
+        index.names = bytearray(view[pos:])
+        if (len(index.digests) != 32 * chunks or len(index.names) != index.name_off[-1]
+                or index.m_first[-1] != chunks or (chunks and max(index.c_name) >= names)):
+            raise ChunkIndexError("chunk index is inconsistent")
+        index.prefetch_end = None if prefetch_end < 0 else prefetch_end
+        index.no_prefetch = bool(flags & 1)
+        return index
+
+
+def _raw_digest(digest: str) -> bytes:
+    """The 32 bytes of a ``sha256:<64 hex>`` digest (the TOC parser checked the form)."""
+    raw = bytes.fromhex(digest[7:]) if digest.startswith("sha256:") else b""
+    if len(raw) != 32:
+        raise ChunkIndexError(f"chunk digest {digest!r} is not sha256:<64 hex>")
+    return raw
+
+
+class Member:
+    """One gzip member of the blob with payload, and the chunks decoded from it.
+
+    A view of one entry of a layer's ``ChunkIndex``: nothing but the index and a number is
+    kept, and ``chunks`` are made when asked for.  ``Member(blob_offset, blob_end, chunks)``
+    makes a standalone one (its own one-member index).
+    """
+
+    __slots__ = ("_index", "_pos")
+
+    def __init__(self, blob_offset: int, blob_end: int, chunks: Iterable[Chunk] = ()) -> None:
+        self._index = ChunkIndex.build([(blob_offset, blob_end, chunks)])
+        self._pos = 0
+
+    @classmethod
+    def at(cls, index: ChunkIndex, pos: int) -> Member:
+        """Member number ``pos`` of ``index``."""
+        m = cls.__new__(cls)
+        m._index = index
+        m._pos = pos
+        return m
+
+    @property
+    def blob_offset(self) -> int:
+        return self._index.m_off[self._pos]
+
+    @property
+    def blob_end(self) -> int:
+        return self._index.m_end[self._pos]
 
     @property
     def size(self) -> int:
         return self.blob_end - self.blob_offset
+
+    @property
+    def chunks(self) -> tuple[Chunk, ...]:
+        """The member's chunks (made anew on each call)."""
+        index, pos = self._index, self._pos
+        return tuple(index.chunk(pos, j) for j in index.chunk_span(pos))
+
+    def chunk_keys(self, layer: str) -> list[ChunkKey]:
+        """The store keys of the member's chunks (no ``Chunk`` is made)."""
+        index = self._index
+        offset = index.m_off[self._pos]
+        return [ChunkKey(layer, offset, index.c_inner[j]) for j in index.chunk_span(self._pos)]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Member):
+            return NotImplemented
+        return (self.blob_offset, self.blob_end) == (other.blob_offset, other.blob_end)
+
+    def __hash__(self) -> int:
+        return hash((self.blob_offset, self.blob_end))
+
+    def __repr__(self) -> str:
+        return f"Member(blob_offset={self.blob_offset}, blob_end={self.blob_end}, chunks={len(self._index.chunk_span(self._pos))})"
+
+
+class Members(Sequence[Member]):
+    """A layer's members in blob order, made on access from its ``ChunkIndex``."""
+
+    __slots__ = ("_index",)
+
+    def __init__(self, index: ChunkIndex) -> None:
+        self._index = index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @overload
+    def __getitem__(self, i: int) -> Member: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[Member]: ...
+
+    def __getitem__(self, i: int | slice) -> Member | list[Member]:
+        if isinstance(i, slice):
+            return [Member.at(self._index, p) for p in range(*i.indices(len(self._index)))]
+        n = len(self._index)
+        if not -n <= i < n:
+            raise IndexError(f"member {i} of {n}")
+        return Member.at(self._index, i % n)
+
+    def __iter__(self) -> Iterator[Member]:
+        index = self._index
+        return (Member.at(index, p) for p in range(len(index)))
+
+    def before(self, end: int) -> list[Member]:
+        """The members that start before blob offset ``end``."""
+        return self[: bisect.bisect_left(self._index.m_off, end)]
+
+
+class ChunkLookup(Mapping[tuple[int, int], Member]):
+    """``(blob offset, inner offset)`` of a chunk -> its member, looked up in the ``ChunkIndex``."""
+
+    __slots__ = ("_index",)
+
+    def __init__(self, index: ChunkIndex) -> None:
+        self._index = index
+
+    def __getitem__(self, key: tuple[int, int]) -> Member:
+        blob_offset, inner_offset = key
+        index = self._index
+        i = index.find(blob_offset)
+        if i >= 0:
+            span = index.chunk_span(i)
+            j = bisect.bisect_left(index.c_inner, inner_offset, span.start, span.stop)
+            if j < span.stop and index.c_inner[j] == inner_offset:
+                return Member.at(index, i)
+        raise KeyError(key)
+
+    def __len__(self) -> int:
+        return self._index.chunk_count
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        index = self._index
+        for i in range(len(index)):
+            for j in index.chunk_span(i):
+                yield index.m_off[i], index.c_inner[j]
 
 
 @dataclass
@@ -154,15 +444,14 @@ class LayerMeta:
 
 @dataclass
 class Layer:
-    """An opened, verified eStargz layer."""
+    """An opened, verified eStargz layer: what the fetcher needs of its TOC, packed."""
 
     meta: LayerMeta
-    toc: TOC
+    index: ChunkIndex
     toc_path: Path
-    members: list[Member]
-    by_chunk: dict[tuple[int, int], Member]
     counters: LayerCounters = field(default_factory=LayerCounters)
     inodes_path: Path | None = None
+    used: float = field(default_factory=time.monotonic)  # last open or load (``LayerTable.collect``)
 
     @property
     def digest(self) -> str:
@@ -172,21 +461,43 @@ class Layer:
     def ref(self) -> Reference:
         return Reference.parse(self.meta.ref)
 
+    @property
+    def members(self) -> Members:
+        """The gzip members with payload, in blob order."""
+        return Members(self.index)
+
+    @property
+    def content_size(self) -> int:
+        """Bytes of all its chunks once decompressed: what the chunk store holds of it, fully fetched."""
+        return sum(self.index.c_size)
+
+    @property
+    def by_chunk(self) -> ChunkLookup:
+        """``(blob offset, inner offset)`` -> member."""
+        return ChunkLookup(self.index)
+
+    @property
+    def prefetch_end(self) -> int | None:
+        """Blob offset of the ``.prefetch.landmark`` (members before it are prefetched), if any."""
+        return self.index.prefetch_end
+
+    def member_of(self, blob_offset: int, inner_offset: int) -> Member | None:
+        """The member holding the chunk at ``(blob_offset, inner_offset)``, or None."""
+        return self.by_chunk.get((blob_offset, inner_offset))
+
+    def read_toc(self) -> TOC:
+        """The full TOC, parsed again from ``toc.json`` (for tools and tests: the fetcher
+        itself keeps only the ``ChunkIndex``)."""
+        return TOC.parse(self.toc_path.read_bytes(), self.meta.toc_digest, self.meta.toc_offset)
+
+    @property
+    def toc(self) -> TOC:
+        """``read_toc()``: parsed on every access, not kept."""
+        return self.read_toc()
+
     @classmethod
     def build(cls, meta: LayerMeta, toc: TOC, toc_path: Path, inodes_path: Path | None = None) -> Layer:
-        groups: dict[int, list[Chunk]] = {}
-        for chunk in toc.chunks:
-            groups.setdefault(chunk.blob_offset, []).append(chunk)
-        members = []
-        by_chunk: dict[tuple[int, int], Member] = {}
-        for offset in sorted(groups):
-            chunks = tuple(groups[offset])
-            end = chunks[0].blob_end if chunks[0].blob_end is not None else meta.toc_offset
-            member = Member(offset, end, chunks)
-            members.append(member)
-            for chunk in chunks:
-                by_chunk[(chunk.blob_offset, chunk.inner_offset)] = member
-        return cls(meta, toc, toc_path, members, by_chunk, inodes_path=inodes_path)
+        return cls(meta, ChunkIndex.from_toc(toc, meta.toc_offset), toc_path, inodes_path=inodes_path)
 
 
 def layer_dir(root: Path, digest: str) -> Path:
@@ -210,6 +521,7 @@ class LayerTable:
         self._saved: dict[str, dict[str, int]] = {}  # counters as last written, by layer digest
         self._warming: set[asyncio.Future[Layer]] = set()  # opens started by warm(), kept referenced
         self._sizes: dict[tuple[str, str, str], int] = {}  # (registry, repository, digest) -> size, from warm()
+        self._loading: dict[str, asyncio.Future[Layer | None]] = {}  # loads from disk in a thread (``load``)
 
     def remember(self, image: Image) -> None:
         """Keep ``image`` (its ref is pinned to the manifest digest) for TOC-digest lookups."""
@@ -248,12 +560,33 @@ class LayerTable:
             log.debug("opening a layer ahead of its mount failed: %s", task.exception())
 
     def get(self, digest: str) -> Layer | None:
-        """An open layer, loading persisted metadata if needed; None if unknown."""
+        """An open layer, loading persisted metadata if needed; None if unknown.
+
+        Loading reads ``<root>/layers`` on the calling thread (a TOC parse when the chunk
+        index is missing): coroutines use ``await load(digest)``."""
         layer = self._layers.get(digest)
         if layer is None:
             layer = self._load(digest)
             if layer is not None:
-                self._layers[digest] = layer
+                layer = self._add(layer)
+        return layer
+
+    async def load(self, digest: str) -> Layer | None:
+        """``get`` with the loading from disk done in a thread."""
+        layer = self._layers.get(digest)
+        if layer is None:
+            pending = self._loading.get(digest)
+            if pending is None:
+                pending = asyncio.ensure_future(asyncio.to_thread(self._load, digest))
+                self._loading[digest] = pending
+                pending.add_done_callback(lambda _f: self._loading.pop(digest, None))
+            loaded = await asyncio.shield(pending)
+            layer = self._layers.get(digest) or (self._add(loaded) if loaded is not None else None)
+        return layer
+
+    def _add(self, layer: Layer) -> Layer:
+        self._layers[layer.digest] = layer
+        self._saved[layer.digest] = layer.counters.totals()
         return layer
 
     def all(self) -> list[Layer]:
@@ -279,8 +612,9 @@ class LayerTable:
         layers of an image bottom-up, so the first layer a pull mounts is not held up
         behind an upper layer whose smaller TOC arrived first).
         """
-        layer = self.get(digest)
+        layer = await self.load(digest)
         if layer is not None:
+            layer.used = time.monotonic()
             if toc_digest is not None and toc_digest != layer.meta.toc_digest:
                 raise ApiError(DIGEST_MISMATCH, f"layer {digest} has TOC digest {layer.meta.toc_digest}, "
                                                 f"not {toc_digest}")
@@ -342,6 +676,9 @@ class LayerTable:
         except FooterError as exc:
             raise ApiError(NOT_ESTARGZ, f"layer {digest} of {ref}: {exc}") from None
         toc_end = blob_size - footer.size
+        if toc_end - footer.toc_offset > MAX_TOC_MEMBER_SIZE:
+            raise ApiError(NOT_ESTARGZ, f"layer {digest} of {ref}: TOC member of {toc_end - footer.toc_offset} "
+                                        f"bytes (at {footer.toc_offset}) is larger than {MAX_TOC_MEMBER_SIZE}")
         tail_start = blob_size - tail_len
         if footer.toc_offset >= tail_start:
             member = tail[footer.toc_offset - tail_start : toc_end - tail_start]
@@ -349,62 +686,138 @@ class LayerTable:
             (head,) = await self.client.fetch_ranges(ref, digest, [(footer.toc_offset, tail_start - footer.toc_offset)])
             counters.registry_requests += 1
             member = head + tail[: toc_end - tail_start]
+            del head
+        del tail
         if parse_after is not None:
             await asyncio.wait([parse_after])  # its outcome is its own mount's business
         started = time.monotonic()
+        meta = LayerMeta(str(ref), digest, toc_digest, blob_size, footer.toc_offset)
+        d = layer_dir(self.root, digest)
         try:
             async with self._parse_lock:
-                json_bytes, toc, inodes = await asyncio.to_thread(_parse_toc, member, toc_digest, footer.toc_offset)
+                index, entries = await asyncio.to_thread(_parse_toc, member, meta, d)
         except TOCDigestMismatch as exc:
             raise ApiError(DIGEST_MISMATCH, f"layer {digest} of {ref}: {exc}") from None
-        except (EStargzError, InodeTableError) as exc:
+        except (EStargzError, InodeTableError, ChunkIndexError) as exc:
             raise ApiError(NOT_ESTARGZ, f"layer {digest} of {ref}: {exc}") from None
-        log.debug("layer %s: TOC of %d entries verified, parsed and turned into inodes in %.3fs", digest,
-                  len(toc.entries), time.monotonic() - started)
-        meta = LayerMeta(str(ref), digest, toc_digest, blob_size, footer.toc_offset)
-        toc_path = self._persist(meta, json_bytes, inodes)
-        layer = Layer.build(meta, toc, toc_path, toc_path.with_name(INODES_FILE))
-        layer.counters = counters
+        log.debug("layer %s: TOC of %d entries verified, parsed and turned into inodes in %.3fs (%d chunks, "
+                  "%d bytes kept)", digest, entries, time.monotonic() - started, index.chunk_count, index.nbytes())
+        layer = Layer(meta, index, d / TOC_FILE, counters, d / INODES_FILE)
         self._layers[digest] = layer
         return layer
 
-    def _persist(self, meta: LayerMeta, json_bytes: bytes, inodes: bytes) -> Path:
-        d = layer_dir(self.root, meta.layer_digest)
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        atomic_write(d / "toc.json", json_bytes)
-        # A derived cache: a worker checks it and falls back to toc.json, so no fsync.
-        atomic_write(d / INODES_FILE, inodes, sync=False)
-        atomic_write(d / "meta.json", json.dumps(asdict(meta)).encode())
-        return d / "toc.json"
-
     def _load(self, digest: str) -> Layer | None:
+        """The layer persisted under ``<root>/layers`` (its chunk index, else its TOC parsed
+        again), or None; blocking: run it in a thread (``load``) where it can take long."""
         d = layer_dir(self.root, digest)
         try:
-            meta = LayerMeta(**json.loads((d / "meta.json").read_bytes()))
-            json_bytes = (d / "toc.json").read_bytes()
+            meta = LayerMeta(**json.loads((d / META_FILE).read_bytes()))
         except (OSError, ValueError, TypeError):
             return None
         if meta.layer_digest != digest:
             return None
         try:
-            toc = TOC.parse(json_bytes, meta.toc_digest, meta.toc_offset)
-        except EStargzError as exc:
-            raise ApiError(INTERNAL, f"persisted TOC of layer {digest} is invalid: {exc}") from None
+            index = ChunkIndex.loads((d / INDEX_FILE).read_bytes(), meta.toc_digest)
+        except (OSError, ChunkIndexError) as exc:
+            log.debug("layer %s: no usable chunk index (%s); parsing its TOC", digest, exc)
+            try:
+                toc = TOC.parse((d / TOC_FILE).read_bytes(), meta.toc_digest, meta.toc_offset)
+                index = ChunkIndex.from_toc(toc, meta.toc_offset)
+            except OSError:
+                return None
+            except (EStargzError, ChunkIndexError) as exc:
+                raise ApiError(INTERNAL, f"persisted TOC of layer {digest} is invalid: {exc}") from None
+            del toc
+            try:
+                atomic_write(d / INDEX_FILE, index.dumps(meta.toc_digest), sync=False)
+            except OSError as exc:
+                log.warning("cannot save the chunk index of layer %s: %s", digest, exc)
         inodes = d / INODES_FILE
-        layer = Layer.build(meta, toc, d / "toc.json", inodes if inodes.exists() else None)
+        layer = Layer(meta, index, d / TOC_FILE, inodes_path=inodes if inodes.exists() else None)
         try:
             layer.counters.restore(json.loads((d / COUNTERS_FILE).read_bytes()))
         except (OSError, ValueError):
             pass  # never saved (or damaged): the counters start from zero
-        self._saved[digest] = layer.counters.totals()
         return layer
 
+    async def collect(self, in_use: Collection[str], cached: Callable[[str], bool],
+                      idle: float = COLLECT_IDLE) -> list[str]:
+        """Forget layers that no mount uses (``in_use``: layer digests of the mounts).
 
-def _parse_toc(member: bytes, toc_digest: str, toc_offset: int) -> tuple[bytes, TOC, bytes]:
-    """(JSON bytes, verified TOC, dumped inode table) of a TOC member; runs in a thread."""
-    json_bytes = decode_toc_member(member)
-    toc = TOC.parse(json_bytes, toc_digest, toc_offset)
-    return json_bytes, toc, InodeTable.from_toc(toc).dumps(toc_digest)
+        A layer not in use and not opened or loaded for ``idle`` seconds leaves the table
+        (its counters saved first); its directory under ``<root>/layers`` is deleted too
+        when ``cached(digest)`` says the chunk store holds none of its chunks (``cached`` runs
+        in a thread).  Layers being opened are kept.  Besides, at most
+        ``MAX_UNUSED_LAYERS`` unused layers stay in the table (the least recently used go).
+        Returns the digests whose directories were deleted.
+        """
+        now = time.monotonic()
+        keep = set(in_use) | set(self._opening) | set(self._loading)
+        unused = sorted((layer for layer in self._layers.values() if layer.digest not in keep),
+                        key=lambda layer: layer.used)
+        drop = [layer for layer in unused if now - layer.used >= idle]
+        extra = len(unused) - len(drop) - MAX_UNUSED_LAYERS
+        if extra > 0:
+            drop += [layer for layer in unused if now - layer.used < idle][:extra]
+        self.save_counters()
+        for layer in drop:
+            self._layers.pop(layer.digest, None)
+            self._saved.pop(layer.digest, None)
+        on_disk = await asyncio.to_thread(self._persisted_digests)
+        candidates = [digest for digest in on_disk if digest not in keep and digest not in self._layers]
+        deleted = await asyncio.to_thread(self._delete_unused, candidates, cached, idle)
+        if drop or deleted:
+            log.info("layer table: %d layer(s) forgotten, %d layer director(ies) deleted, %d layer(s) kept",
+                     len(drop), len(deleted), len(self._layers))
+        return deleted
+
+    def _persisted_digests(self) -> list[str]:
+        try:
+            names = os.listdir(self.root / "layers")
+        except FileNotFoundError:
+            return []
+        return [name.replace("-", ":", 1) for name in names if "-" in name]
+
+    def _delete_unused(self, digests: list[str], cached: Callable[[str], bool], idle: float) -> list[str]:
+        """Delete the directories of ``digests`` whose chunks are all gone from the store and
+        whose metadata was not written for ``idle`` seconds; runs in a thread."""
+        deleted = []
+        now = time.time()
+        for digest in digests:
+            d = layer_dir(self.root, digest)
+            try:
+                written = (d / META_FILE).stat().st_mtime  # written last by an open
+            except OSError:
+                written = 0.0  # no metadata: a leftover of an open that failed
+            busy = digest in self._opening or digest in self._loading or digest in self._layers
+            if now - written < idle or busy or cached(digest):
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+            if not d.exists():
+                deleted.append(digest)
+        return deleted
+
+
+def _parse_toc(member: bytes, meta: LayerMeta, d: Path) -> tuple[ChunkIndex, int]:
+    """Verify and parse a TOC member, persist it in ``d`` (toc.json, inodes, chunk index, meta)
+    and return (chunk index, number of entries); runs in a thread, so the TOC's JSON and
+    objects never reach the event loop."""
+    json_bytes = decode_toc_member(member, meta.toc_digest)
+    del member
+    toc = TOC.parse(json_bytes, meta.toc_digest, meta.toc_offset)
+    inodes = InodeTable.from_toc(toc).dumps(meta.toc_digest)
+    index = ChunkIndex.from_toc(toc, meta.toc_offset)
+    entries = len(toc.entries)
+    del toc
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    atomic_write(d / TOC_FILE, json_bytes)
+    del json_bytes
+    # Derived caches: a worker checks the inode table and falls back to toc.json, the fetcher
+    # checks the chunk index and falls back to toc.json, so no fsync.
+    atomic_write(d / INODES_FILE, inodes, sync=False)
+    atomic_write(d / INDEX_FILE, index.dumps(meta.toc_digest), sync=False)
+    atomic_write(d / META_FILE, json.dumps(asdict(meta)).encode())
+    return index, entries
 
 
 def atomic_write(path: Path, data: bytes, sync: bool = True) -> None:

@@ -7,7 +7,10 @@ are single-flight: concurrent reads of one missing chunk make one request.
 Blocking waits run inside ``unlocked()`` (``llfuse.lock_released`` in the
 filesystem) so other FUSE requests proceed meanwhile.  Store hits are read-only
 (``ChunkStore.peek``: no write transaction per hit); their use is reported to the
-store's LRU in batches (``ChunkStore.touch``).
+store's LRU in batches (``ChunkStore.touch``).  A read pins its missing chunks in the
+store before it asks for them and unpins them once it has loaded them, so the store's
+eviction cannot take a chunk between the fetcher storing it and the read copying it,
+whatever the cache cap.
 """
 
 from __future__ import annotations
@@ -65,6 +68,11 @@ _READAHEAD_THREADS = 2
 # or at the first read this long after the previous batch (and on close).
 _TOUCH_BATCH = 256
 _TOUCH_SECONDS = 1.0
+# A read's pin on the chunks it has fetched outlives the fetch timeout by this much (a pin
+# left by a worker that died expires after ``fetch timeout + _PIN_SLACK`` seconds).
+_PIN_SLACK = 60.0
+# Chunks loaded ahead and not read yet that the reader remembers (for its readahead trigger).
+_PREFETCHED_MAX = 4096
 
 
 class ChunkLRU:
@@ -124,14 +132,19 @@ class ChunkReader:
         self._readahead: ThreadPoolExecutor | None = None
         if readahead:
             self._readahead = ThreadPoolExecutor(max_workers=_READAHEAD_THREADS, thread_name_prefix="chunk-readahead")
-        self._prefetched: set[ChunkKey] = set()
-        self._used: list[ChunkKey] = []
+        # Chunks loaded ahead by ``_load_ahead`` and not read yet, oldest first (an ordered set).
+        self._prefetched: OrderedDict[ChunkKey, None] = OrderedDict()
+        self._prefetched_lock = threading.Lock()
+        self._used: list[tuple[ChunkKey, float]] = []
         self._used_lock = threading.Lock()
         self._used_since = time.monotonic()
+        self._unpins: list[str] = []  # pins of reads that have loaded their chunks, to drop
+        self._unpins_lock = threading.Lock()
 
     def close(self) -> None:
         if self._readahead is not None:
             self._readahead.shutdown(wait=True, cancel_futures=True)
+        self._drop_pins()
         self._touch(self._take_used())
 
     def read(self, layer: str, table: InodeTable, ino: int, offset: int, size: int,
@@ -158,57 +171,128 @@ class ChunkReader:
                 counters: MountCounters) -> list[bytes]:
         keys = [ChunkKey(layer, r.blob_offset, r.inner_offset) for r in refs]
         found: dict[ChunkKey, bytes] = {}
-        missing: list[ChunkKey] = []
+        missing: list[tuple[ChunkKey, ChunkRef]] = []
         loaded = False
         for key, ref in zip(keys, refs):
             data = self.lru.get(key)
             if data is not None:
-                if key in self._prefetched:
-                    self._prefetched.discard(key)
+                if self._take_prefetched(key):
                     loaded = True
             else:
                 data = self._load(key, ref)
                 loaded = data is not None
             if data is None:
-                missing.append(key)
+                missing.append((key, ref))
                 counters.cache_misses += 1
             else:
                 found[key] = data
                 counters.cache_hits += 1
         if missing:
-            t0 = time.monotonic()
-            with self._unlocked():
-                t1 = time.monotonic()
-                self._fetch(layer, missing)
-                t2 = time.monotonic()
-            t3 = time.monotonic()
-            for key, ref in zip(keys, refs):
-                if key not in found:
-                    data = self._load(key, ref)
-                    if data is None:
-                        raise ChunkUnavailable(f"chunk at blob offset {key.blob_offset} of {layer} is not in the "
-                                               "chunk store after the fetcher stored it (evicted?)")
-                    found[key] = data
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("read miss of %d chunk(s) of %s: unlock %.2f ms, fetch %.2f ms, relock %.2f ms, "
-                          "load %.2f ms", len(missing), layer, 1e3 * (t1 - t0), 1e3 * (t2 - t1), 1e3 * (t3 - t2),
-                          1e3 * (time.monotonic() - t3))
+            self._fetch_pinned(layer, missing, found)
         if loaded and self._readahead is not None:
             last = refs[-1]
             for ref in table.chunks(ino, last.file_offset + last.size, _READAHEAD_BYTES):
                 key = ChunkKey(layer, ref.blob_offset, ref.inner_offset)
-                if self.lru.get(key) is None and key not in self._loads:
+                if self.lru.get(key) is None and not self._loading(key):
                     self._readahead.submit(self._load_ahead, key, ref)
         return [found[k] for k in keys]
+
+    def _fetch_pinned(self, layer: str, wanted: list[tuple[ChunkKey, ChunkRef]],
+                      found: dict[ChunkKey, bytes]) -> None:
+        """Pin the chunks of ``wanted``, have the fetcher store them, load them into ``found``, unpin.
+
+        The pin is in the store before the fetch request is sent, so every store of these
+        chunks from then on keeps them until they are loaded.  Only a fetch already in
+        flight, which this request joined and which stored a chunk before the pin existed,
+        can have lost one to eviction (at a cap that holds little more than the chunks being
+        read): such a chunk is fetched once more, and that fetch stores it after the pin.
+        """
+        refs = dict(wanted)
+        keys = list(refs)
+        t0 = t1 = time.monotonic()
+        pin: str | None = None
+        try:
+            todo = keys
+            for attempt in (1, 2):
+                with self._unlocked():
+                    if pin is None:
+                        t1 = time.monotonic()
+                        pin = self._pin(layer, keys)
+                    self._fetch(layer, todo)
+                t2 = time.monotonic()
+                gone = []
+                for key in todo:
+                    data = self._load(key, refs[key])
+                    if data is None:
+                        gone.append(key)
+                    else:
+                        found[key] = data
+                if not gone:
+                    break
+                if attempt == 2:
+                    raise ChunkUnavailable(f"chunk at blob offset {gone[0].blob_offset} of {layer} is not in the "
+                                           "chunk store although it was pinned before the fetcher stored it "
+                                           "(removed by something other than eviction?)")
+                log.debug("%d chunk(s) of %s were stored by a fetch that began before this read pinned them, "
+                          "and evicted: fetching them again", len(gone), layer)
+                todo = gone
+        finally:
+            if pin is not None:
+                self._unpin(pin)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("read miss of %d chunk(s) of %s: unlock %.2f ms, pin and fetch %.2f ms, load %.2f ms",
+                      len(keys), layer, 1e3 * (t1 - t0), 1e3 * (t2 - t1), 1e3 * (time.monotonic() - t2))
 
     def _load_ahead(self, key: ChunkKey, ref: ChunkRef) -> None:
         try:
             if self._load(key, ref, background=True) is not None:
-                if len(self._prefetched) > 4096:
-                    self._prefetched.clear()  # keys evicted before anyone read them
-                self._prefetched.add(key)
+                with self._prefetched_lock:
+                    self._prefetched[key] = None
+                    self._prefetched.move_to_end(key)
+                    while len(self._prefetched) > _PREFETCHED_MAX:
+                        self._prefetched.popitem(last=False)  # left the LRU before anyone read it
         except Exception:  # noqa: BLE001 - readahead is best effort; the real read reports errors
             pass
+
+    def _take_prefetched(self, key: ChunkKey) -> bool:
+        """Whether ``key`` was loaded ahead and not read since (it is then no longer)."""
+        with self._prefetched_lock:
+            if key not in self._prefetched:
+                return False
+            del self._prefetched[key]
+            return True
+
+    def _loading(self, key: ChunkKey) -> bool:
+        with self._loads_lock:
+            return key in self._loads
+
+    def _pin(self, layer: str, keys: list[ChunkKey]) -> str:
+        """Pin ``keys`` in the store for this read (until ``_unpin``, or the pin expires)."""
+        try:
+            return self.store.pin(keys, self.fetcher.timeout + _PIN_SLACK)
+        except Exception as exc:
+            raise ChunkUnavailable(f"pinning {len(keys)} chunk(s) of {layer} in the chunk store failed: {exc}") from exc
+
+    def _unpin(self, pin: str) -> None:
+        """Drop a read's pin, off the read's path when the readahead pool runs (``close`` drops
+        what is left)."""
+        with self._unpins_lock:
+            self._unpins.append(pin)
+        if self._readahead is not None:
+            try:
+                self._readahead.submit(self._drop_pins)
+                return
+            except RuntimeError:  # shutting down
+                pass
+        self._drop_pins()
+
+    def _drop_pins(self) -> None:
+        with self._unpins_lock:
+            pins, self._unpins = self._unpins, []
+        try:
+            self.store.unpin(*pins)
+        except Exception as exc:  # noqa: BLE001 - pins expire by themselves; the reads have their bytes
+            log.warning("dropping %d pin(s) of the chunk store failed (they expire by themselves): %s", len(pins), exc)
 
     def _load(self, key: ChunkKey, ref: ChunkRef, background: bool = False) -> bytes | None:
         """The chunk from the store into the LRU (single-flight), or None when it is not stored."""
@@ -257,9 +341,9 @@ class ChunkReader:
         return data
 
     def _note_used(self, key: ChunkKey) -> None:
-        """Queue ``key`` for the store's LRU; a full or old batch is written in the background."""
+        """Queue ``key`` (used now) for the store's LRU; a full or old batch is written in the background."""
         with self._used_lock:
-            self._used.append(key)
+            self._used.append((key, time.time()))
             due = len(self._used) >= _TOUCH_BATCH or time.monotonic() - self._used_since >= _TOUCH_SECONDS
         if not due:
             return
@@ -272,19 +356,19 @@ class ChunkReader:
         except RuntimeError:  # shutting down
             self._touch(batch)
 
-    def _take_used(self) -> list[ChunkKey]:
+    def _take_used(self) -> list[tuple[ChunkKey, float]]:
         with self._used_lock:
             batch, self._used = self._used, []
             self._used_since = time.monotonic()
         return batch
 
-    def _touch(self, keys: list[ChunkKey]) -> None:
-        if not keys:
+    def _touch(self, used: list[tuple[ChunkKey, float]]) -> None:
+        if not used:
             return
         try:
-            self.store.touch(keys)
+            self.store.touch([key for key, _ in used], [when for _, when in used])
         except Exception as exc:  # noqa: BLE001 - recency is advisory; reads must not fail over it
-            log.debug("updating LRU recency of %d chunks failed: %s", len(keys), exc)
+            log.debug("updating LRU recency of %d chunks failed: %s", len(used), exc)
 
     def _fetch(self, layer: str, keys: list[ChunkKey]) -> None:
         """Have the fetcher store ``keys``; one request per chunk across concurrent callers."""
