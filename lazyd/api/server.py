@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from lazyd import unixsocket
 from lazyd.api import wire
 from lazyd.api.messages import INTERNAL, INVALID_REQUEST, UNKNOWN_OP, ApiError, Message
 
@@ -28,26 +30,28 @@ MAX_CONCURRENT_PER_CONNECTION = 8192
 
 
 class Server:
-    """Serve ``ops`` (name -> (args class, handler)) on a Unix socket created with mode 0600."""
+    """Serve ``ops`` (name -> (args class, handler)) on a Unix socket created with mode 0600, or 0660
+    and group ``group``; missing parent directories are created 0700 (0710 with a group)."""
 
-    def __init__(self, path: str | os.PathLike[str], ops: dict[str, tuple[type[Message], Handler]]) -> None:
+    def __init__(self, path: str | os.PathLike[str], ops: dict[str, tuple[type[Message], Handler]],
+                 group: str | None = None) -> None:
         self.path = Path(path)
         self.ops = ops
+        self.group = group
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> None:
-        if not self.path.parent.exists():
-            self.path.parent.mkdir(parents=True, mode=0o700)
-        if self.path.is_socket() or self.path.exists():
-            self.path.unlink()
-        old = os.umask(0o177)
+        """Listen on ``path`` (see lazyd.unixsocket: never reachable with a wider mode, whatever the umask)."""
+        gid = unixsocket.group_id(self.group) if self.group is not None else None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._server = await asyncio.start_unix_server(self._serve, path=str(self.path), limit=wire.MAX_FRAME + 8)
-        finally:
-            os.umask(old)
-        os.chmod(self.path, 0o600)
+            unixsocket.publish(self.path, gid, bind=sock.bind, listen=sock.listen)
+            self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=wire.MAX_FRAME + 8)
+        except BaseException:
+            sock.close()
+            raise
 
     async def close(self) -> None:
         """Stop accepting, cancel running requests and close connections."""

@@ -29,6 +29,7 @@ from lazyd.api.messages import ApiError
 from lazyd.cache.store import ChunkStore
 from lazyd.estargz import TOC, EStargzError
 from lazyd import mounttable as mounts
+from lazyd import unixsocket
 from lazyd.fuse.fetchconn import FetcherConnection
 from lazyd.fuse.fs import LazyFS, Layer
 from lazyd.fuse.inodes import InodeTable, InodeTableError
@@ -323,18 +324,19 @@ class _ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer)
     daemon_threads = True
 
     def __init__(self, path: str, worker: Worker) -> None:
-        self.worker = worker
-        if os.path.exists(path):
-            os.unlink(path)
-        super().__init__(path, _Handler)
+        """Listen on ``path`` with mode 0600 (only the daemon, root, talks to a worker), whatever the umask.
 
-    def server_bind(self) -> None:
-        old = os.umask(0o177)
+        The socket is bound, chmod-ed and made to listen in a private 0700 directory, then renamed
+        to ``path`` (lazyd.unixsocket), so it is never reachable with a wider mode.
+        """
+        self.worker = worker
+        super().__init__(path, _Handler, bind_and_activate=False)
         try:
-            super().server_bind()
-        finally:
-            os.umask(old)
-        os.chmod(self.server_address, 0o600)
+            unixsocket.publish(Path(path), None, bind=self.socket.bind, listen=self.server_activate)
+        except BaseException:
+            self.server_close()
+            raise
+        self.server_address = path
 
 
 def parse_args(argv: list[str] | None = None) -> WorkerOptions:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lazyd.configfile import ConfigError, load_dataclass, read_toml
+from lazyd.unixsocket import group_exists
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -18,7 +19,10 @@ class SnapshotterConfig:
     root: Path = Path("/var/lib/lazyd/snapshotter")
     """Directory holding ``metadata.db`` and ``snapshots/<id>/{fs,work}``."""
     address: Path = Path("/run/lazyd/snapshotter.sock")
-    """Unix socket containerd's ``[proxy_plugins.lazyd]`` points at (created with mode 0600)."""
+    """Unix socket containerd's ``[proxy_plugins.lazyd]`` points at (created with mode 0600, or 0660 with
+    ``socket_group``)."""
+    socket_group: str | None = None
+    """Group that may use ``address`` (mode 0660, owner root:group); unset: root only (0600)."""
     lazyd_socket: Path = Path("/run/lazyd/lazyd.sock")
     """lazyd's msgpack API socket (``lazyd serve``)."""
     remote: bool = True
@@ -36,7 +40,8 @@ class SnapshotterConfig:
     premount_ttl: float = 60.0
     """Seconds an early mount waits for its Prepare before it is unmounted again."""
     require_registry: bool = True
-    """Answer UNAVAILABLE on Mounts when lazyd reports a remote layer's registry unreachable."""
+    """Answer UNAVAILABLE on Mounts when lazyd reports a remote layer's registry unreachable
+    and the layer is not wholly in lazyd's cache (a wholly cached layer needs no registry)."""
     grpc_workers: int = 8
     """Threads serving gRPC requests."""
     log_level: str = "info"
@@ -48,6 +53,9 @@ class SnapshotterConfig:
         for name in ("mount_timeout", "check_timeout", "connect_timeout", "premount_ttl"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"snapshotter.{name}: must be positive, got {getattr(self, name)!r}")
+        if self.socket_group is not None and not group_exists(self.socket_group):
+            raise ConfigError(f"snapshotter.socket_group: {self.socket_group!r} is not a group on this host "
+                              "(see 'getent group')")
         if self.grpc_workers < 1:
             raise ConfigError(f"snapshotter.grpc_workers: must be at least 1, got {self.grpc_workers!r}")
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 
+from lazyd import unixsocket
 from lazyd.proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from lazyd.proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
 from lazyd.proto.containerd.types import mount_pb2
@@ -125,29 +125,29 @@ class SnapshotsServicer(pb_grpc.SnapshotsServicer):
         return empty_pb2.Empty()
 
 
-def serve(snapshotter: Snapshotter, address: Path, workers: int = 8) -> grpc.Server:
-    """Start the gRPC server on Unix socket ``address`` (mode 0600); the caller stops it."""
-    address.parent.mkdir(parents=True, exist_ok=True)
-    if address.is_socket() or address.exists():
-        if not address.is_socket():
-            raise SocketError(f"{address} exists and is not a socket")
-        address.unlink()
-    # Listen on a temporary name and rename it into place once listening with mode 0600,
-    # so a client never sees a socket that refuses connections or is too open.
-    tmp = address.with_name(f".{address.name}.{os.getpid()}")
-    if len(os.fsencode(str(tmp))) > 107:
-        raise SocketError(f"socket path {address} is too long for a Unix socket (at most ~{107 - len(tmp.name) + len(address.name)} bytes)")
-    tmp.unlink(missing_ok=True)
+def serve(snapshotter: Snapshotter, address: Path, workers: int = 8, group: str | None = None) -> grpc.Server:
+    """Start the gRPC server on Unix socket ``address``; the caller stops it.
+
+    The socket gets mode 0600, or 0660 and group ``group``.  gRPC binds and listens in one step
+    (``add_insecure_port``), so it does that in a private 0700 directory; the socket is renamed to
+    ``address`` once it has its mode and the server accepts (see lazyd.unixsocket), so a client
+    never sees a socket that refuses connections or is too open.
+    """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="snapshots"),
                          options=[("grpc.max_receive_message_length", 16 << 20)])
     pb_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(snapshotter), server)
-    old = os.umask(0o177)
+
+    def bind(path: str) -> None:
+        if server.add_insecure_port(f"unix:{path}") == 0:
+            raise SocketError(f"gRPC cannot listen on {path} (for {address})")
+
     try:
-        if server.add_insecure_port(f"unix:{tmp}") == 0:
-            raise SocketError(f"cannot listen on {tmp}")
-        server.start()
-    finally:
-        os.umask(old)
-    os.chmod(tmp, 0o600)
-    os.rename(tmp, address)
+        gid = unixsocket.group_id(group) if group is not None else None
+        unixsocket.publish(address, gid, bind=bind, listen=server.start)
+    except unixsocket.SocketSetupError as exc:
+        server.stop(None)
+        raise SocketError(str(exc)) from exc
+    except BaseException:
+        server.stop(None)
+        raise
     return server
