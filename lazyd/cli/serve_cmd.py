@@ -6,10 +6,12 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 
+from lazyd.cli import notify
 from lazyd.cli.registry import add_global
-from lazyd.config import load_config
+from lazyd.config import DaemonConfig, load_config
 from lazyd.configfile import ConfigError
 
 
@@ -36,9 +38,25 @@ def run(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s lazyd %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(_serve(config))
+
+
+async def _serve(config: DaemonConfig) -> int:
+    """Run the daemon; under systemd (``Type=notify``) send READY=1 once it answers ``status``."""
     from lazyd.fetcher.daemon import Daemon
 
-    return asyncio.run(Daemon(config).run())
+    daemon = asyncio.create_task(Daemon(config).run())
+    ready = asyncio.create_task(notify.lazyd_ready(config.socket))
+    await asyncio.wait({daemon, ready}, return_when=asyncio.FIRST_COMPLETED)
+    if not ready.done():  # the daemon stopped before it was ready
+        ready.cancel()
+        await asyncio.gather(ready, return_exceptions=True)
+    elif ready.exception() is not None:
+        logging.getLogger("lazyd.serve").error("%s; stopping", ready.exception())
+        signal.raise_signal(signal.SIGTERM)  # the daemon's own stop: the workers keep their mounts
+        await daemon
+        return 1
+    return await daemon
 
 
 def _abs(path: str | None) -> str | None:

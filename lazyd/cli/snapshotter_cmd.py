@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from lazyd.configfile import ConfigError
+from lazyd.cli import notify
 from lazyd.cli.registry import add_global
 from lazyd.snapshotter.config import SnapshotterConfig, load_config
 
@@ -63,12 +64,19 @@ def run(args: argparse.Namespace) -> int:
         if restored:
             log.info("re-mounted %d remote snapshot(s)", restored)
         try:
-            server = serve(snapshotter, config.address, config.grpc_workers)
+            server = serve(snapshotter, config.address, config.grpc_workers, config.socket_group)
         except SocketError as exc:
             print(f"lazyd snapshotter: {exc}", file=sys.stderr)
             return 1
         log.info("serving containerd snapshots on %s (root %s, lazyd at %s)", config.address, config.root,
                  config.lazyd_socket)
+        try:
+            notify.snapshotter_ready(config.address)  # READY=1 under systemd, once the socket answers
+        except notify.ReadinessError as exc:
+            print(f"lazyd snapshotter: {exc}", file=sys.stderr)
+            server.stop(None)
+            config.address.unlink(missing_ok=True)
+            return 1
         stop.wait()
         log.info("stopping")
         server.stop(grace=2).wait()
