@@ -349,12 +349,16 @@ class CheckArgs(Message):
 
 @dataclass(frozen=True)
 class CheckResult(Message):
-    """``check``: is the mount served by a live worker, and is its registry reachable?"""
+    """``check``: is the mount served by a live worker, and is its registry reachable?
+
+    ``cached`` is computed only when the registry is unreachable: every chunk of the layer
+    is in the chunk store, so the mount needs no registry."""
 
     served: bool
     registry_reachable: bool
     state: str
     error: str | None = None
+    cached: bool = False
 
 
 @dataclass(frozen=True)

@@ -147,7 +147,7 @@ class Lazyd:
         if not result.served or result.state != "ready":
             raise RemoteUnavailableError(
                 f"remote layer at {mountpoint} is {result.state}" + (f": {result.error}" if result.error else ""))
-        if self.require_registry and not result.registry_reachable:
+        if self.require_registry and not result.registry_reachable and not result.cached:
             raise RemoteUnavailableError(
                 f"registry of the remote layer at {mountpoint} is unreachable" + (f": {result.error}" if result.error else ""))
 
