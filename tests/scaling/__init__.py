@@ -1,0 +1,1 @@
+"""Tests of lazyd beyond one node: nodes sharing a pull-through mirror."""
