@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from lazyd.configfile import ConfigError, load_dataclass, read_toml
+from lazyd.logsetup import LOG_FORMATS
 from lazyd.registry import RegistryConfig
 from lazyd.unixsocket import group_exists
 
@@ -17,6 +19,49 @@ MIN_CACHE_SIZE = 16 * 1024 * 1024
 reference's (the largest chunks of the images lazyd makes).  Reads stay correct below it (a
 read pins its chunks), but a sequential read of big files then evicts the chunks fetched ahead
 of it before it gets to them and fetches them again (docs/config.md has the measurements)."""
+
+
+@dataclass(frozen=True)
+class MetricsAddress:
+    """Where the Prometheus endpoint listens: ``host``:``port`` (an IP address) or a Unix socket ``path``."""
+
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return self.path
+        return f"[{self.host}]:{self.port}" if self.host is not None and ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_metrics_address(text: str) -> MetricsAddress:
+    """``127.0.0.1:9101``, ``[::1]:9101`` or an absolute Unix socket path; ValueError saying what is wrong.
+
+    The host must be an IP address, so the endpoint binds exactly what is configured (a host
+    name can resolve to several addresses, or to other ones later)."""
+    if text.startswith("/"):
+        if text.endswith("/") or "\0" in text:
+            raise ValueError("is not a file path for a Unix socket")
+        if len(text.encode()) > 107:
+            raise ValueError("is too long for a Unix socket path (at most 107 bytes)")
+        return MetricsAddress(path=text)
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError("must be HOST:PORT (HOST an IP address) or an absolute Unix socket path")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if ":" not in host:
+            raise ValueError("brackets are for IPv6 addresses only")
+    elif ":" in host:
+        raise ValueError("an IPv6 address must be in brackets, e.g. [::1]:9101")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"host {host!r} is not an IP address (e.g. 127.0.0.1:9101 or [::1]:9101)") from None
+    if not port.isdecimal() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"port {port!r} is not between 1 and 65535")
+    return MetricsAddress(host=host, port=int(port))
 
 
 @dataclass(frozen=True)
@@ -102,6 +147,12 @@ class DaemonConfig:
     log_level: str = "info"
     """debug, info, warning or error."""
 
+    log_format: str = "text"
+    """``text`` (one line per record) or ``json`` (one JSON object per line); the workers' logs too."""
+
+    metrics_address: str | None = None
+    """Prometheus endpoint (``/metrics``): ``IP:PORT`` or an absolute Unix socket path; unset: none."""
+
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     """The ``[registry]`` table (see docs/config.md)."""
 
@@ -132,6 +183,7 @@ class DaemonConfig:
             ("health_interval", self.health_interval > 0, "must be positive"),
             ("check_interval", self.check_interval >= 0, "must not be negative"),
             ("log_level", self.log_level in LOG_LEVELS, f"must be one of {', '.join(LOG_LEVELS)}"),
+            ("log_format", self.log_format in LOG_FORMATS, f"must be one of {', '.join(LOG_FORMATS)}"),
             ("root", self.root.startswith("/"), "must be an absolute path"),
             ("socket", self.socket.startswith("/"), "must be an absolute path"),
             ("socket_group", self.socket_group is None or group_exists(self.socket_group),
@@ -140,6 +192,18 @@ class DaemonConfig:
         for key, ok, why in checks:
             if not ok:
                 raise ConfigError(f"config key {key}: {getattr(self, key)!r} {why}")
+        if self.metrics_address is not None:
+            try:
+                parse_metrics_address(self.metrics_address)
+            except ValueError as exc:
+                raise ConfigError(f"config key metrics_address: {self.metrics_address!r} {exc}") from None
+            if self.metrics_address == self.socket:
+                raise ConfigError(f"config key metrics_address: {self.metrics_address!r} is the API socket's path")
+
+    @property
+    def metrics(self) -> MetricsAddress | None:
+        """The parsed ``metrics_address`` (None: no metrics endpoint)."""
+        return parse_metrics_address(self.metrics_address) if self.metrics_address is not None else None
 
     @property
     def root_path(self) -> Path:

@@ -104,6 +104,13 @@ class ChunkStore:
         self._wal_reserve = min(_WAL_LIMIT, size_limit // 4)
         self._writing = 0  # bytes of groups this process is writing (see ``_insert``)
         self._writing_cond = threading.Condition()
+        self._evictions = 0  # chunks ``_cull`` evicted through this instance (store threads add to it)
+        self._evictions_lock = threading.Lock()
+
+    @property
+    def evictions(self) -> int:
+        """Chunks evicted to stay under the cap by this instance since it was opened (not ``evict``)."""
+        return self._evictions
 
     def close(self) -> None:
         self._cache.close()
@@ -315,6 +322,9 @@ class ChunkStore:
             if not rows:
                 break
             evicted += len(rows)
+        if evicted:
+            with self._evictions_lock:
+                self._evictions += evicted
         return evicted
 
     # -- pins ---------------------------------------------------------------------

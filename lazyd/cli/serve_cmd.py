@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 
+from lazyd import logsetup
 from lazyd.cli import notify
 from lazyd.cli.registry import add_global
 from lazyd.config import DaemonConfig, load_config
@@ -36,8 +37,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"lazyd serve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s lazyd %(levelname)s %(name)s: %(message)s")
+    logsetup.configure(config.log_level, config.log_format, "lazyd")
     return asyncio.run(_serve(config))
 
 

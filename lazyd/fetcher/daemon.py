@@ -61,6 +61,21 @@ from lazyd.config import DaemonConfig
 from lazyd.fetcher.layers import Layer, LayerTable, Member, atomic_write, registry_error
 from lazyd.fetcher.scheduler import Scheduler
 from lazyd.fetcher.workers import Supervisor, WorkerError, WorkerHandle
+from lazyd.metrics import (
+    BACKGROUND_FETCH_DOWNLOAD,
+    BACKGROUND_FETCH_TOTAL,
+    MOUNT,
+    PREFETCH_DOWNLOAD,
+    READ_ON_DEMAND,
+    Metrics,
+    MetricsError,
+    MetricsServer,
+    MountGauge,
+    RegistryMetrics,
+    Snapshot,
+    WorkerCounts,
+    render,
+)
 from lazyd.registry import InvalidReferenceError, Reference, RegistryClient, RegistryError
 
 log = logging.getLogger(__name__)
@@ -69,6 +84,9 @@ VERSION = "0.1.0"
 MAX_FALLBACKS_SHOWN = 100
 COUNTERS_SAVE_INTERVAL = 5.0  # seconds; a kill -9 loses at most this much of the per-layer counts
 LAYER_COLLECT_INTERVAL = 60.0  # seconds between passes that forget layers no mount uses
+METRICS_WORKER_TIMEOUT = 1.0
+"""Longest a scrape waits for a worker's ``worker.status`` (a worker that does not answer in time
+is left out of that scrape and counted in ``lazyd_workers_unanswered``)."""
 
 
 def _parse_ref(text: str) -> Reference:
@@ -118,6 +136,9 @@ class Daemon:
         self._restored = asyncio.Event()  # set once workers are up and mounts restored
         self._pulls: Any = None  # lazyd.containerd.service.PullService, made by the first ``pull``
         self._pull_imports: asyncio.Task[Any] | None = None
+        self.metrics = Metrics()
+        self._metrics_server: MetricsServer | None = None
+        self._evictions_logged = 0  # store evictions already reported in the log
         self.store: ChunkStore
         self.registry: RegistryClient
         self.layers: LayerTable
@@ -133,18 +154,33 @@ class Daemon:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         (self.root / "mounts").mkdir(exist_ok=True, mode=0o700)
         self.store = ChunkStore(self.root / "cache", cfg.cache_size)
-        self.registry = RegistryClient(cfg.registry)
-        self.layers = LayerTable(self.root, self.registry)
+        self.registry = RegistryClient(cfg.registry, RegistryMetrics(self.metrics))
+        self.layers = LayerTable(self.root, self.registry, self.metrics)
         self.scheduler = Scheduler(self.registry, self.store, cfg.max_concurrent_requests, cfg.max_range_size,
                                    window_min=cfg.demand_window_min, window_max=cfg.demand_window_max,
                                    background_share=cfg.background_share, quiet=cfg.background_delay,
-                                   share_after=cfg.background_share_after)
+                                   share_after=cfg.background_share_after, metrics=self.metrics)
         self.server = Server(cfg.socket, self._ops(), cfg.socket_group)
         await self.server.start()
         log.info("lazyd %s serving %s (root %s)", VERSION, cfg.socket, self.root)
+        metrics_address = cfg.metrics
+        if metrics_address is not None:
+            server = MetricsServer(metrics_address, self._scrape, cfg.socket_group)
+            try:
+                await server.start()
+            except MetricsError as exc:
+                log.error("%s", exc)
+                await self.server.close()
+                await self.registry.close()
+                self.scheduler.close()
+                self.store.close()
+                return 1
+            self._metrics_server = server
+            log.info("metrics on %s/metrics", f"unix:{metrics_address}" if metrics_address.path else
+                     f"http://{metrics_address}")
         self.supervisor = Supervisor(self.root, cfg.workers, cfg.socket, self.root / "cache", cfg.cache_size,
                                      cfg.fetch_timeout, cfg.log_level, cfg.worker_start_timeout,
-                                     cfg.health_interval, self._worker_died)
+                                     cfg.health_interval, self._worker_died, cfg.log_format)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -156,6 +192,7 @@ class Daemon:
             except WorkerError as exc:
                 log.error("cannot start the FUSE workers: %s", exc)
                 return 1
+            self.metrics.workers_adopted += len(adopted)
             await self._restore_mounts(adopted)
             await self._retire_idle_workers()
             self._restored.set()
@@ -176,18 +213,33 @@ class Daemon:
         while True:
             await asyncio.sleep(interval)
             self.layers.save_counters()
+            self._log_evictions()
             if time.monotonic() - collected < LAYER_COLLECT_INTERVAL:
                 continue
             collected = time.monotonic()
             in_use = {m.layer_digest for m in self.mounts.values()} | set(self._tasks) | set(self._prefetch)
             for digest in await self.layers.collect(in_use, self._has_chunks):
                 self.scheduler.forget(digest)
+                self.metrics.forget_layer(digest)
+
+    def _log_evictions(self) -> None:
+        """One INFO line for the chunks evicted to stay under ``cache_size`` since the last one
+        (evictions come with every store at the cap: a line each would flood the log)."""
+        total = self.store.evictions
+        if total > self._evictions_logged:
+            log.info("cache: evicted %d chunk(s) (least recently used) to stay under cache_size (%d bytes)",
+                     total - self._evictions_logged, self.store.size_limit,
+                     extra={"event": "eviction", "chunks": total - self._evictions_logged,
+                            "evictions_total": total})
+            self._evictions_logged = total
 
     def _has_chunks(self, digest: str) -> bool:
         """Whether the chunk store holds any chunk of layer ``digest`` (runs in a thread)."""
         return self.store.layer_usage(digest)[0] > 0
 
     async def _close(self) -> None:
+        if self._metrics_server is not None:
+            await self._metrics_server.close()
         for task in list(self._tasks.values()) + list(self._prefetch.values()):
             task.cancel()
         await asyncio.gather(*self._tasks.values(), *self._prefetch.values(), return_exceptions=True)
@@ -245,7 +297,11 @@ class Daemon:
             found = live.pop(record.mount_id, None)
             if found is not None and found[0] == record.worker_id:
                 record.state = "ready"
-                log.info("adopted mount %s at %s", record.mount_id, record.mountpoint)
+                self.metrics.mounts_adopted += 1
+                log.info("adopted mount %s at %s (layer %s, worker %d)", record.mount_id, record.mountpoint,
+                         record.layer_digest, record.worker_id,
+                         extra={"event": "adoption", "mount_id": record.mount_id, "layer": record.layer_digest,
+                                "mountpoint": record.mountpoint, "worker": record.worker_id})
             else:
                 record.state = "broken"
                 await self._reestablish(record)
@@ -279,7 +335,11 @@ class Daemon:
         record.worker_id = handle.worker_id
         record.state, record.error = "ready", None
         self._save_mount(record)
-        log.info("re-established mount %s at %s on worker %d", record.mount_id, record.mountpoint, handle.worker_id)
+        self.metrics.mounts_reestablished += 1
+        log.info("re-established mount %s at %s on worker %d (layer %s)", record.mount_id, record.mountpoint,
+                 handle.worker_id, record.layer_digest,
+                 extra={"event": "mount", "mount_id": record.mount_id, "layer": record.layer_digest,
+                        "mountpoint": record.mountpoint, "worker": handle.worker_id, "reestablished": True})
 
     async def _worker_serves(self, handle: WorkerHandle, record: MountRecord) -> bool:
         try:
@@ -314,12 +374,18 @@ class Daemon:
                 await self._reestablish(record)
             return
         try:
-            await self.supervisor.restart(handle)
+            new = await self.supervisor.restart(handle)
         except WorkerError as exc:
-            log.error("restarting worker %d failed: %s", handle.worker_id, exc)
+            log.error("restarting worker %d failed: %s", handle.worker_id, exc,
+                      extra={"event": "worker_restart", "worker": handle.worker_id, "ok": False})
             for record in broken:
                 record.error = f"{record.error}; restart failed: {exc}"
             return
+        self.metrics.worker_restarts += 1
+        log.info("restarted worker %d (pid %d, was %d; restart %d); mounting its %d mount(s) again", new.worker_id,
+                 new.pid, handle.pid, new.restarts, len(broken),
+                 extra={"event": "worker_restart", "worker": new.worker_id, "pid": new.pid, "old_pid": handle.pid,
+                        "restarts": new.restarts, "mounts": len(broken)})
         for record in broken:
             await self._reestablish(record)
 
@@ -376,7 +442,15 @@ class Daemon:
                 raise ApiError(INVALID_REQUEST, f"layer {layer.digest} has no chunk at blob offset {blob_offset} "
                                                 f"inner offset {inner_offset}")
             members[member.blob_offset] = member
-        await self.scheduler.fetch(layer, members.values(), args.priority)
+        if args.priority != "demand":
+            await self.scheduler.fetch(layer, members.values(), args.priority)
+            return
+        started = time.monotonic()
+        try:
+            await self.scheduler.fetch(layer, members.values(), args.priority)
+        finally:
+            # A worker's read that missed the cache waits this long for the fetcher.
+            self.metrics.observe_us(READ_ON_DEMAND, layer.digest, time.monotonic() - started)
 
     async def op_mount(self, args: MountArgs) -> MountResult:
         self.scheduler.note_activity()  # a container is starting: hold background fetch back
@@ -403,8 +477,17 @@ class Daemon:
                 self._forget_mount(record)
                 raise
             record.state = "ready"
-            log.debug("mounted %s at %s in %.3fs (layer open %.3fs, worker %d %.3fs)", layer.digest, mountpoint,
-                      time.monotonic() - started, opened - started, handle.worker_id, time.monotonic() - opened)
+            took = time.monotonic() - started
+            self.metrics.observe_ms(MOUNT, layer.digest, took)
+            log.info("mounted layer %s of %s at %s (mount %s, worker %d) in %.3fs (layer open %.3fs)", layer.digest,
+                     ref, mountpoint, record.mount_id, handle.worker_id, took, opened - started,
+                     extra={"event": "mount", "mount_id": record.mount_id, "layer": layer.digest, "ref": str(ref),
+                            "mountpoint": mountpoint, "worker": handle.worker_id, "seconds": round(took, 6)})
+        except ApiError as exc:
+            log.warning("mounting layer %s of %s at %s failed: %s", args.layer_digest, ref, mountpoint, exc,
+                        extra={"event": "mount_failed", "layer": args.layer_digest, "ref": str(ref),
+                               "mountpoint": mountpoint, "code": exc.code})
+            raise
         finally:
             self._claimed.discard(mountpoint)
         wait = self.config.prefetch_wait if args.prefetch_wait is None else args.prefetch_wait
@@ -439,13 +522,21 @@ class Daemon:
             return
         members = layer.members.before(end)
         layer.counters.prefetch_state = "running"
+        started, before = time.monotonic(), layer.counters.prefetch_bytes
         try:
             await self.scheduler.fetch(layer, members, "prefetch", max_range=None)
         except ApiError as exc:
             layer.counters.prefetch_state = "failed"
             layer.counters.last_error = f"prefetch: {exc.message}"
+            log.warning("prefetch of layer %s failed: %s", layer.digest, exc.message,
+                        extra={"event": "prefetch", "layer": layer.digest, "ok": False})
             return
         layer.counters.prefetch_state = "done"
+        took, fetched = time.monotonic() - started, layer.counters.prefetch_bytes - before
+        self.metrics.observe_ms(PREFETCH_DOWNLOAD, layer.digest, took)
+        log.info("prefetch of layer %s done: %d bytes fetched in %.3fs", layer.digest, fetched, took,
+                 extra={"event": "prefetch", "layer": layer.digest, "ok": True, "bytes": fetched,
+                        "seconds": round(took, 6)})
 
     async def _run_background(self, layer: Layer) -> None:
         prefetch = self._prefetch.get(layer.digest)
@@ -459,6 +550,7 @@ class Daemon:
                      layer.content_size, self.store.size_limit)
             return
         counters.background_state = "running"
+        started, before = time.monotonic(), counters.background_bytes
         missing = await self.scheduler.in_store_thread(self.scheduler.missing, layer, layer.members)
         batch: list[Member] = []
         failed = 0
@@ -468,13 +560,25 @@ class Daemon:
             if size < self.config.background_batch_size and i + 1 < len(missing):
                 continue
             await self.scheduler.wait_quiet(self.config.background_delay)
+            asked, had = time.monotonic(), counters.background_bytes
             try:
                 await self.scheduler.fetch(layer, batch, "background")
             except ApiError as exc:
                 failed += 1
                 counters.last_error = f"background: {exc.message}"
+            else:
+                if counters.background_bytes > had:  # not when other fetches had stored the batch meanwhile
+                    self.metrics.observe_ms(BACKGROUND_FETCH_DOWNLOAD, layer.digest, time.monotonic() - asked)
             batch = []
         counters.background_state = "done" if not failed else "failed"
+        took, fetched = time.monotonic() - started, counters.background_bytes - before
+        self.metrics.observe_ms(BACKGROUND_FETCH_TOTAL, layer.digest, took)
+        log.log(logging.INFO if not failed else logging.WARNING,
+                "background fetch of layer %s %s: %d bytes fetched in %.3fs%s", layer.digest,
+                "done" if not failed else "failed", fetched, took,
+                f" ({failed} request(s) failed: {counters.last_error})" if failed else "",
+                extra={"event": "background_fetch", "layer": layer.digest, "ok": not failed, "bytes": fetched,
+                       "seconds": round(took, 6)})
 
     async def op_unmount(self, args: UnmountArgs) -> None:
         record = self._find(args.mountpoint)
@@ -487,6 +591,9 @@ class Daemon:
                     raise
         await asyncio.to_thread(_lazy_unmount, record.mountpoint)
         self._forget_mount(record)
+        log.info("unmounted layer %s from %s (mount %s)", record.layer_digest, record.mountpoint, record.mount_id,
+                 extra={"event": "unmount", "mount_id": record.mount_id, "layer": record.layer_digest,
+                        "mountpoint": record.mountpoint})
         if handle is not None and handle.draining:
             await self._retire_idle_workers()
 
@@ -520,13 +627,13 @@ class Daemon:
         state = record.state if served or record.state != "ready" else "broken"
         return CheckResult(served=served, registry_reachable=reachable, state=state, error=error, cached=cached)
 
-    async def _worker_statuses(self) -> dict[int, WorkerStatusResult]:
-        """``worker.status`` of each ready worker that answers, by worker id."""
+    async def _worker_statuses(self, timeout: float = 5.0) -> dict[int, WorkerStatusResult]:
+        """``worker.status`` of each ready worker that answers within ``timeout``, by worker id."""
         out: dict[int, WorkerStatusResult] = {}
 
         async def one(handle: WorkerHandle) -> None:
             try:
-                out[handle.worker_id] = await handle.call("worker.status", timeout=5.0)  # type: ignore[assignment]
+                out[handle.worker_id] = await handle.call("worker.status", timeout=timeout)  # type: ignore[assignment]
             except ApiError:
                 return
 
@@ -542,6 +649,49 @@ class Daemon:
             return LayerStats()
         _, cached = self.store.layer_usage(layer.digest)
         return layer.counters.stats(layer.meta.blob_size, cached)
+
+    async def _scrape(self) -> bytes:
+        """The ``/metrics`` body (lazyd.metrics), written in a thread: with many layers it is tens of
+        thousands of lines (300 ms for 100 layers), too long to hold the event loop."""
+        snapshot = await self._metrics_snapshot()
+        return await asyncio.to_thread(render, self.metrics.copy(), snapshot)
+
+    async def _metrics_snapshot(self) -> Snapshot:
+        """What a scrape reports besides ``self.metrics``: the workers' read counters (each worker
+        asked with a ``METRICS_WORKER_TIMEOUT``), the chunk store's usage and the mounts' layers."""
+        statuses: dict[int, WorkerStatusResult] = {}
+        workers: dict[str, int] = {}
+        unanswered = 0
+        if hasattr(self, "supervisor"):  # not while the daemon is starting
+            statuses = await self._worker_statuses(METRICS_WORKER_TIMEOUT)
+            for h in self.supervisor.workers.values():
+                state = "draining" if h.draining and h.state == "ready" else h.state
+                workers[state] = workers.get(state, 0) + 1
+                unanswered += h.state == "ready" and h.worker_id not in statuses
+        per_layer: dict[str, WorkerCounts] = {}
+        for st in statuses.values():
+            for w in st.mounts:
+                c = per_layer.setdefault(w.layer_digest, WorkerCounts())
+                c.reads += w.reads
+                c.bytes_read += w.bytes_read
+                c.cache_hits += w.cache_hits
+                c.cache_misses += w.cache_misses
+                c.read_errors += w.fetch_errors
+        gauges, states = [], {}
+        for record in sorted(self.mounts.values(), key=lambda r: r.mountpoint):
+            states[record.state] = states.get(record.state, 0) + 1
+            layer = await self.layers.load(record.layer_digest)
+            if layer is not None:
+                c = layer.counters
+                gauges.append(MountGauge(layer.digest, record.mountpoint, c.fetched_bytes, c.prefetch_bytes,
+                                         layer.meta.blob_size))
+        store = await self.scheduler.in_store_thread(self.store.stats)
+        rs = self.registry.stats
+        return Snapshot(mounts=gauges, mount_states=states, worker_layers=per_layer, workers=workers,
+                        workers_unanswered=unanswered, cache_bytes=store.size, cache_limit=store.limit,
+                        cache_chunks=store.count, cache_evictions=self.store.evictions,
+                        registry_requests=rs.requests, registry_bytes=rs.bytes_received,
+                        registry_in_flight=rs.in_flight, verify_errors=self.scheduler.verify_errors)
 
     async def _mount_infos(self, statuses: dict[int, WorkerStatusResult] | None = None) -> list[MountInfo]:
         live = await self._worker_mounts(statuses)
@@ -604,13 +754,17 @@ class Daemon:
             evicted = await asyncio.to_thread(self.store.evict, None)
         else:
             raise ApiError(INVALID_REQUEST, "cannot evict chunks of a mounted layer; unmount it first")
+        log.info("cache: evicted %d chunk(s) of %s on request", evicted, args.layer_digest or "every layer",
+                 extra={"event": "eviction", "chunks": evicted, "layer": args.layer_digest, "requested": True})
         return await self._cache_stats(evicted)
 
     async def op_fallback(self, args: FallbackArgs) -> None:
         self.fallback_count += 1
         self.fallbacks.append(FallbackInfo(args.ref, args.layer_digest, args.reason, time.time()))
         del self.fallbacks[:-MAX_FALLBACKS_SHOWN]
-        log.info("fallback for layer %s of %s: %s", args.layer_digest, args.ref, args.reason)
+        self.metrics.fallback(args.reason)
+        log.info("fallback for layer %s of %s: %s", args.layer_digest, args.ref, args.reason,
+                 extra={"event": "fallback", "layer": args.layer_digest, "ref": args.ref, "reason": args.reason})
 
     async def op_resolve(self, args: ResolveArgs) -> ResolveResult:
         self.scheduler.note_activity()  # a pull is starting: hold background fetch back
@@ -618,9 +772,14 @@ class Daemon:
         try:
             image = await asyncio.wait_for(self.registry.resolve(ref), self.config.mount_timeout)
         except asyncio.TimeoutError:
+            log.warning("resolving %s took longer than %ss", ref, self.config.mount_timeout,
+                        extra={"event": "registry_error", "ref": str(ref), "code": "timeout"})
             raise ApiError("timeout", f"resolving {ref} took longer than {self.config.mount_timeout}s") from None
         except RegistryError as exc:
-            raise registry_error(exc) from None
+            error = registry_error(exc)
+            log.warning("resolving %s failed: %s", ref, error.message,
+                        extra={"event": "registry_error", "ref": str(ref), "code": error.code})
+            raise error from None
         self.layers.remember(image)
         return ResolveResult(ref=str(image.ref), manifest_digest=image.manifest_digest,
                              manifest_media_type=image.manifest_media_type, manifest=image.manifest_bytes,

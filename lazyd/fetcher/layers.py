@@ -32,7 +32,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import overload
+from typing import TYPE_CHECKING, overload
 
 from lazyd.api.messages import (
     ANNOTATION_TOC_DIGEST,
@@ -69,6 +69,9 @@ from lazyd.registry import (
     UnauthorizedError,
     UnreachableError,
 )
+
+if TYPE_CHECKING:
+    from lazyd.metrics import Metrics
 
 INODES_FILE = "inodes.msgpack"
 INDEX_FILE = "chunks.index"
@@ -507,9 +510,10 @@ def layer_dir(root: Path, digest: str) -> Path:
 class LayerTable:
     """Opened layers by digest; opens from the registry or from ``<root>/layers``."""
 
-    def __init__(self, root: Path, client: RegistryClient) -> None:
+    def __init__(self, root: Path, client: RegistryClient, metrics: Metrics | None = None) -> None:
         self.root = root
         self.client = client
+        self.metrics = metrics  # footer, TOC and parse durations (lazyd.metrics)
         self._layers: dict[str, Layer] = {}
         self._opening: dict[str, asyncio.Future[Layer]] = {}
         # Recently resolved images by (registry, repository, manifest digest): immutable, so a
@@ -669,8 +673,11 @@ class LayerTable:
         tail_len = tail_size(blob_size)
         if tail_len == 0:
             raise ApiError(NOT_ESTARGZ, f"layer {digest} is empty")
+        asked = time.monotonic()
         (tail,) = await self.client.fetch_ranges(ref, digest, [(blob_size - tail_len, tail_len)])
         counters.registry_requests += 1
+        if self.metrics is not None:
+            self.metrics.observe_ms("stargz_footer_get", digest, time.monotonic() - asked)
         try:
             footer = read_footer(tail, blob_size)
         except FooterError as exc:
@@ -688,6 +695,8 @@ class LayerTable:
             member = head + tail[: toc_end - tail_start]
             del head
         del tail
+        if self.metrics is not None:
+            self.metrics.observe_ms("stargz_toc_get", digest, time.monotonic() - asked)
         if parse_after is not None:
             await asyncio.wait([parse_after])  # its outcome is its own mount's business
         started = time.monotonic()
@@ -695,11 +704,15 @@ class LayerTable:
         d = layer_dir(self.root, digest)
         try:
             async with self._parse_lock:
+                parsing = time.monotonic()  # not counting the wait for the lock
                 index, entries = await asyncio.to_thread(_parse_toc, member, meta, d)
+                parsed = time.monotonic() - parsing
         except TOCDigestMismatch as exc:
             raise ApiError(DIGEST_MISMATCH, f"layer {digest} of {ref}: {exc}") from None
         except (EStargzError, InodeTableError, ChunkIndexError) as exc:
             raise ApiError(NOT_ESTARGZ, f"layer {digest} of {ref}: {exc}") from None
+        if self.metrics is not None:
+            self.metrics.observe_ms("stargz_toc_json_deserialize", digest, parsed)
         log.debug("layer %s: TOC of %d entries verified, parsed and turned into inodes in %.3fs (%d chunks, "
                   "%d bytes kept)", digest, entries, time.monotonic() - started, index.chunk_count, index.nbytes())
         layer = Layer(meta, index, d / TOC_FILE, counters, d / INODES_FILE)

@@ -50,6 +50,7 @@ from lazyd.api.messages import DIGEST_MISMATCH, FETCH_FAILED, ApiError
 from lazyd.cache.store import ChunkKey, ChunkStore
 from lazyd.estargz import EStargzError, decode_chunk
 from lazyd.fetcher.layers import Layer, Member, registry_error
+from lazyd.metrics import Metrics
 from lazyd.registry import RegistryClient, RegistryError
 
 log = logging.getLogger(__name__)
@@ -129,8 +130,9 @@ class Scheduler:
 
     def __init__(self, client: RegistryClient, store: ChunkStore, max_concurrent: int, max_range_size: int, *,
                  window_min: int = 0, window_max: int = 0, background_share: int = 0,
-                 quiet: float = 2.0, share_after: float = 10.0) -> None:
+                 quiet: float = 2.0, share_after: float = 10.0, metrics: Metrics | None = None) -> None:
         self.client = client
+        self.metrics = metrics if metrics is not None else Metrics()
         self.store = store
         self.max_range_size = max_range_size
         self.gate = PriorityGate(max_concurrent)
@@ -264,6 +266,7 @@ class Scheduler:
             await self.gate.acquire(rank)
             try:
                 mine, others = await self._claim_missing(layer, todo)
+                self._note_dedupe(others, mine)
                 if mine:
                     await self._download(layer, mine, priority, limit)
             finally:
@@ -293,6 +296,7 @@ class Scheduler:
         if not todo:
             return
         mine, others = self._claim(layer, todo)
+        self._note_dedupe(others, mine)
         extra = self._claim_neighbours(layer, mine, extra)
         if mine:
             run = sorted(mine + extra, key=_offset)
@@ -310,6 +314,11 @@ class Scheduler:
                       1e3 * (trace.planned - trace.start), 1e3 * (trace.gated - trace.planned),
                       1e3 * (trace.first_byte - trace.gated), 1e3 * (trace.stored - trace.first_byte))
         await self._await_others(layer, others, "demand")
+
+    def _note_dedupe(self, others: list[tuple[Member, asyncio.Future[None], bool]], mine: list[Member]) -> None:
+        """Count the members a fetch takes from requests already in flight (``lazyd_dedupe_*``)."""
+        if others:
+            self.metrics.deduped(sum(m.size for m, _, _ in others), whole=not mine)
 
     async def drain(self) -> None:
         """Wait until the demand downloads running now (and their neighbours) have ended."""
@@ -519,7 +528,9 @@ class Scheduler:
                     bad = await self._stream(layer, runs[0], priority, trace, urgent)
                 else:
                     parts = await self.client.fetch_ranges(layer.ref, layer.digest, ranges)
-                    counters.add_bytes(priority, sum(len(p) for p in parts))
+                    received = sum(len(p) for p in parts)
+                    counters.add_bytes(priority, received)
+                    self.metrics.fetched(priority, layer.digest, received)
                     bad = await self.in_store_thread(self._store, layer, runs, parts)
                     del parts
             except RegistryError as exc:
@@ -527,10 +538,15 @@ class Scheduler:
             finally:
                 counters.in_flight -= 1
                 counters.registry_requests += 1
+                self.metrics.fetch_request(priority, layer.digest)
+            if bad:
+                self.metrics.registry_errors["digest"] += 1
             bad = await self._refetch_bad(layer, mine, priority, bad)
         except ApiError as exc:
             counters.last_error = exc.message
-            log.warning("fetching %d range(s) of layer %s failed: %s", len(ranges), layer.digest, exc)
+            log.warning("fetching %d range(s) of layer %s failed: %s", len(ranges), layer.digest, exc,
+                        extra={"event": "registry_error", "layer": layer.digest, "code": exc.code,
+                               "priority": priority})
             self._settle(layer, unsettled(), exc)
             raise
         except BaseException as exc:
@@ -556,7 +572,9 @@ class Scheduler:
             if not again:
                 break
             log.warning("layer %s: %d member(s) failed verification (%s); fetching them again (%d of %d)",
-                        layer.digest, len(again), next(iter(bad.values())).message, attempt + 1, config.retries)
+                        layer.digest, len(again), next(iter(bad.values())).message, attempt + 1, config.retries,
+                        extra={"event": "retry", "layer": layer.digest, "kind": "digest", "retry": attempt + 1})
+            self.metrics.registry_retries["digest"] += 1
             await asyncio.sleep(config.backoff * (2 ** attempt))
             counters.in_flight += 1
             try:
@@ -566,9 +584,14 @@ class Scheduler:
             finally:
                 counters.in_flight -= 1
                 counters.registry_requests += 1
-            counters.add_bytes(priority, sum(len(p) for p in parts))
+                self.metrics.fetch_request(priority, layer.digest)
+            received = sum(len(p) for p in parts)
+            counters.add_bytes(priority, received)
+            self.metrics.fetched(priority, layer.digest, received)
             bad = await self.in_store_thread(self._store, layer, [[m] for m in again], parts)
             del parts
+            if bad:
+                self.metrics.registry_errors["digest"] += 1
         return bad
 
     async def _stream(self, layer: Layer, run: list[Member], priority: str, trace: Trace | None = None,
@@ -602,6 +625,7 @@ class Scheduler:
                     del buf[:cut]
                     buf_start += cut
                     layer.counters.add_bytes(priority, cut)
+                    self.metrics.fetched(priority, layer.digest, cut)
                     if lo_urgent <= lo and hi <= hi_urgent and len(data) <= _INLINE_STORE:
                         settle(run[lo:hi], self._store(layer, [run[lo:hi]], [data]))
                     else:

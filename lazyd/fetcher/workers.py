@@ -77,7 +77,7 @@ class Supervisor:
 
     def __init__(self, root: Path, count: int, socket_path: str, cache_dir: Path, cache_size: int,
                  fetch_timeout: float, log_level: str, start_timeout: float, interval: float,
-                 on_death: Callable[[WorkerHandle], Awaitable[None]]) -> None:
+                 on_death: Callable[[WorkerHandle], Awaitable[None]], log_format: str = "text") -> None:
         self.root = root
         self.count = count
         self.socket_path = socket_path
@@ -85,6 +85,7 @@ class Supervisor:
         self.cache_size = cache_size
         self.fetch_timeout = fetch_timeout
         self.log_level = log_level
+        self.log_format = log_format
         self.start_timeout = start_timeout
         self.interval = interval
         self.on_death = on_death
@@ -149,7 +150,8 @@ class Supervisor:
             return None
         self.workers[worker_id] = WorkerHandle(worker_id, self.state_dir(worker_id), pid=pid, client=client,
                                                state="ready", adopted=True)
-        log.info("adopted worker %d (pid %d) with %d mount(s)", worker_id, pid, len(status.mounts))
+        log.info("adopted worker %d (pid %d) with %d mount(s)", worker_id, pid, len(status.mounts),
+                 extra={"event": "adoption", "worker": worker_id, "pid": pid, "mounts": len(status.mounts)})
         return status
 
     async def spawn(self, worker_id: int, restarts: int = 0) -> WorkerHandle:
@@ -161,7 +163,7 @@ class Supervisor:
         argv = [sys.executable, "-m", "lazyd.fuse.worker", "--worker-id", str(worker_id), "--state-dir", str(state_dir),
                 "--fetcher-socket", self.socket_path, "--cache-dir", str(self.cache_dir),
                 "--cache-size", str(self.cache_size), "--fetch-timeout", str(self.fetch_timeout),
-                "--log-level", self.log_level]
+                "--log-level", self.log_level, "--log-format", self.log_format]
         fd = os.open(state_dir / "worker.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True,
@@ -188,7 +190,8 @@ class Supervisor:
             await asyncio.sleep(0.05)
         handle.client = AsyncClient(str(info["control_socket"]), timeout=30.0, connect_timeout=2.0)
         handle.state = "ready"
-        log.info("started worker %d (pid %d)", worker_id, proc.pid)
+        log.info("started worker %d (pid %d)", worker_id, proc.pid,
+                 extra={"event": "worker_start", "worker": worker_id, "pid": proc.pid})
         return handle
 
     async def restart(self, dead: WorkerHandle) -> WorkerHandle:
@@ -213,7 +216,8 @@ class Supervisor:
             for handle in list(self.workers.values()):
                 if handle.state == "ready" and not handle.alive():
                     handle.state = "dead"
-                    log.error("worker %d (pid %d) died", handle.worker_id, handle.pid)
+                    log.error("worker %d (pid %d) died", handle.worker_id, handle.pid,
+                              extra={"event": "worker_death", "worker": handle.worker_id, "pid": handle.pid})
                     try:
                         await self.on_death(handle)
                     except Exception:  # noqa: BLE001 - keep watching the others

@@ -28,6 +28,7 @@ from lazyd.api import messages, wire
 from lazyd.api.messages import ApiError
 from lazyd.cache.store import ChunkStore
 from lazyd.estargz import TOC, EStargzError
+from lazyd import logsetup
 from lazyd import mounttable as mounts
 from lazyd import unixsocket
 from lazyd.fuse.fetchconn import FetcherConnection
@@ -51,6 +52,7 @@ class WorkerOptions:
     fetch_timeout: float
     log_level: str = "info"
     fuse_threads: int = FUSE_THREADS
+    log_format: str = "text"
 
     @property
     def fuse_root(self) -> Path:
@@ -348,19 +350,19 @@ def parse_args(argv: list[str] | None = None) -> WorkerOptions:
     p.add_argument("--cache-size", type=int, required=True)
     p.add_argument("--fetch-timeout", type=float, required=True)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=logsetup.LOG_FORMATS)
     p.add_argument("--fuse-threads", type=int, default=FUSE_THREADS,
                    help="llfuse request threads (>= 2 so cached reads go on while one waits for the fetcher)")
     a = p.parse_args(argv)
     if a.fuse_threads < 1:
         p.error("--fuse-threads must be at least 1")
     return WorkerOptions(a.worker_id, a.state_dir.resolve(), a.fetcher_socket, a.cache_dir, a.cache_size,
-                         a.fetch_timeout, a.log_level, a.fuse_threads)
+                         a.fetch_timeout, a.log_level, a.fuse_threads, a.log_format)
 
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
-    logging.basicConfig(level=opts.log_level.upper(), stream=sys.stderr,
-                        format=f"%(asctime)s worker{opts.worker_id} %(levelname)s %(name)s: %(message)s")
+    logsetup.configure(opts.log_level, opts.log_format, f"worker{opts.worker_id}")
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     return Worker(opts).run()
 

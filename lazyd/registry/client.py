@@ -65,6 +65,45 @@ WRITE_BATCH = 4 * 1024 * 1024
 """Bytes ``fetch_blob`` gathers before handing them to a worker thread to hash and write."""
 _READ_CHUNK = 1 << 20
 ProgressFn = Callable[[int], None]
+ERROR_KINDS = ("unreachable", "tls", "unauthorized", "not_found", "throttled", "server", "range", "body",
+               "too_large", "digest", "http")
+"""Kinds of failed attempts a ``RegistryObserver`` hears of: no answer (connection, timeout), TLS,
+401/403, 404, 429, other retryable status (408, 5xx), an unusable range answer, a body that broke
+off, an answer bigger than asked for, content not matching its digest, any other HTTP status."""
+
+
+class RegistryObserver:
+    """What the client reports for metrics (lazyd.metrics); this base class ignores it all.
+
+    The registry package counts nothing itself and imports no metrics library: the fetcher
+    passes an observer in.  Calls come from the event loop and must not block.
+    """
+
+    def request(self, method: str, path: str, status: int | None, seconds: float) -> None:
+        """A request to a registry endpoint got its answer's headers (``status``), or failed
+        (None), ``seconds`` after it was sent (auth and redirects included); ``path`` is the
+        distribution API path after ``/v2``, e.g. ``/<repo>/blobs/<digest>``."""
+
+    def error(self, kind: str) -> None:
+        """One attempt failed with an error of ``kind`` (one of ``ERROR_KINDS``)."""
+
+    def retry(self, kind: str) -> None:
+        """A request is tried again (or its body resumed) after an error of ``kind``."""
+
+
+def _status_kind(status: int) -> str:
+    """The ``ERROR_KINDS`` entry of an HTTP error status."""
+    if status in (401, 403):
+        return "unauthorized"
+    if status == 404:
+        return "not_found"
+    if status == 429:
+        return "throttled"
+    if status in _RETRY_STATUS:
+        return "server"
+    if status == 416:
+        return "range"
+    return "http"
 
 
 class _Response:
@@ -88,6 +127,7 @@ class _Response:
         announced = self.resp.content_length
         if announced is not None and announced > limit:
             self.resp.close()
+            self._client.observer.error("too_large")
             raise ResponseTooLargeError(f"{self.endpoint.describe()} answered {what} with {announced} bytes "
                                         f"(Content-Length); at most {limit} are allowed{allowed}")
 
@@ -108,6 +148,7 @@ class _Response:
             self._client._received(len(chunk))
             if len(buf) > limit:
                 self.resp.close()
+                self._client.observer.error("too_large")
                 raise ResponseTooLargeError(f"{self.endpoint.describe()} answered {what} with more than {limit} "
                                             f"bytes; at most {limit} are allowed{allowed}")
 
@@ -151,8 +192,9 @@ class _Response:
 class RegistryClient:
     """Async OCI distribution client; use as ``async with RegistryClient(config) as client``."""
 
-    def __init__(self, config: RegistryConfig | None = None) -> None:
+    def __init__(self, config: RegistryConfig | None = None, observer: RegistryObserver | None = None) -> None:
         self.config = config or RegistryConfig()
+        self.observer = observer or RegistryObserver()
         self._session: aiohttp.ClientSession | None = None
         self._auth = Authorizer(CredentialStore(self.config.docker_config), self._plain_http_allowed)
         self._endpoints: dict[str, list[Endpoint]] = {}
@@ -323,6 +365,23 @@ class RegistryClient:
             self._answered.pop(netloc, None)
         return resp
 
+    async def _timed(self, method: str, path: str, send: Awaitable[aiohttp.ClientResponse]) -> aiohttp.ClientResponse:
+        """Await ``send`` (one ``_send``), reporting it to the observer with its duration."""
+        started = time.monotonic()
+        status: int | None = None
+        try:
+            resp = await send
+            status = resp.status
+            return resp
+        finally:
+            self.observer.request(method, path, status, time.monotonic() - started)
+
+    def _retrying(self, kind: str, why: str, delay: float, retry: int, retries: int, registry: str) -> None:
+        """Report and log (INFO) that a request is about to be tried again."""
+        self.observer.retry(kind)
+        log.info("registry %s: %s; retrying in %.2fs (retry %d of %d)", registry, why, delay, retry, retries,
+                 extra={"event": "retry", "registry": registry, "kind": kind, "retry": retry})
+
     async def _call(self, registry: str, repository: str, method: str, path: str, *, capability: str,
                     actions: str = "pull", headers: dict[str, str] | None = None, data: bytes | None = None,
                     ok: tuple[int, ...] = (200,), what: str = "", extra_scopes: tuple[str, ...] = ()) -> _Response:
@@ -334,6 +393,7 @@ class RegistryClient:
         scopes = (scope_for(repository, actions), *extra_scopes) if repository else extra_scopes
         what = what or f"{method} {path}"
         last: RegistryError | None = None
+        kind = ""  # of ``last`` (ERROR_KINDS)
         for i, ep in enumerate(endpoints):
             final = i == len(endpoints) - 1
             where = ep.describe()
@@ -343,32 +403,40 @@ class RegistryClient:
             asked = 0.0  # the Retry-After of the last answer
             for attempt in range(attempts):
                 if attempt:
-                    await asyncio.sleep(max(self.config.backoff * (2 ** (attempt - 1)), asked))
+                    delay = max(self.config.backoff * (2 ** (attempt - 1)), asked)
+                    self._retrying(kind, f"{last}", delay, attempt, attempts - 1, registry)
+                    await asyncio.sleep(delay)
                 asked = 0.0
                 try:
                     scheme = await self._scheme_of(ep)
                     where = f"{'mirror ' if ep.mirror else ''}{scheme}://{ep.host}"
                     url = f"{scheme}://{ep.host}{ep.path}{path}"
-                    resp = await self._send(ep, method, url, scopes, headers or {}, data)
+                    resp = await self._timed(method, path, self._send(ep, method, url, scopes, headers or {}, data))
                 except aiohttp.ClientConnectorCertificateError as exc:
-                    last = UnreachableError(f"TLS certificate of {ep.describe()} ({registry}) is not trusted: "
-                                            f"{exc.certificate_error}")
+                    last, kind = UnreachableError(f"TLS certificate of {ep.describe()} ({registry}) is not trusted: "
+                                                  f"{exc.certificate_error}"), "tls"
+                    self.observer.error(kind)
                     break
                 except aiohttp.ClientSSLError as exc:
-                    last = UnreachableError(f"TLS handshake with {ep.describe()} ({registry}) failed: {exc}")
+                    last, kind = UnreachableError(f"TLS handshake with {ep.describe()} ({registry}) failed: {exc}"), "tls"
+                    self.observer.error(kind)
                     break
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                    last = UnreachableError(f"{where} ({registry}) is unreachable for {what}: "
-                                            f"{type(exc).__name__}: {exc}")
+                    last, kind = UnreachableError(f"{where} ({registry}) is unreachable for {what}: "
+                                                  f"{type(exc).__name__}: {exc}"), "unreachable"
+                    self.observer.error(kind)
                     self._down_until[ep] = time.monotonic() + _DOWN_SECONDS
                     continue
                 except UnauthorizedError as exc:
-                    last = exc
+                    last, kind = exc, "unauthorized"
+                    self.observer.error(kind)
                     break
                 if resp.status in ok:
                     self._down_until.pop(ep, None)
                     return _Response(resp, ep, self)
                 status = resp.status
+                kind = _status_kind(status)
+                self.observer.error(kind)
                 body = (await resp.content.read(4096)) if method != "HEAD" else b""
                 resp.release()
                 detail = _error_detail(body)
@@ -443,10 +511,12 @@ class RegistryClient:
             finally:
                 resp.close()
 
-        body, header_digest, content_type = await self._with_body_retries(f"manifest {obj} of {ref.name}", attempt)
+        body, header_digest, content_type = await self._with_body_retries(f"manifest {obj} of {ref.name}", attempt,
+                                                                          ref.registry)
         expected = digest or ref.digest or header_digest
         actual = digest_of(body, expected.split(":", 1)[0] if expected else "sha256")
         if expected and actual != expected:
+            self.observer.error("digest")
             raise DigestMismatchError(f"manifest {obj} of {ref.name} has digest {actual}, expected {expected}")
         try:
             doc = json.loads(body)
@@ -526,10 +596,11 @@ class RegistryClient:
             finally:
                 resp.close()
 
-        data, resp = await self._with_body_retries(f"blob {digest} of {ref.name}", attempt)
+        data, resp = await self._with_body_retries(f"blob {digest} of {ref.name}", attempt, ref.registry)
         h = hasher(digest)
         h.update(data)
         if f"{digest.split(':')[0]}:{h.hexdigest()}" != digest:
+            self.observer.error("digest")
             raise DigestMismatchError(f"blob {digest} of {ref.name} downloaded from "
                                       f"{resp.endpoint.describe()} does not match its digest")
         return data
@@ -565,8 +636,12 @@ class RegistryClient:
                 await asyncio.to_thread(tmp.unlink, missing_ok=True)
                 if progress and received[0]:
                     progress(-received[0])
+                self.observer.error("body")
                 if attempt + 1 < attempts:
-                    await asyncio.sleep(self.config.backoff * (2 ** attempt))
+                    delay = self.config.backoff * (2 ** attempt)
+                    self._retrying("body", f"download of {what} failed ({type(exc).__name__})", delay, attempt + 1,
+                                   attempts - 1, ref.registry)
+                    await asyncio.sleep(delay)
                     continue
                 raise UnreachableError(f"download of {what} failed: {type(exc).__name__}") from exc
             except BaseException:
@@ -577,6 +652,7 @@ class RegistryClient:
             actual = f"{digest.split(':')[0]}:{h.hexdigest()}"
             if actual != digest:
                 await asyncio.to_thread(tmp.unlink, missing_ok=True)
+                self.observer.error("digest")
                 raise DigestMismatchError(f"{what} from {resp.endpoint.describe()} hashes to {actual}")
             await asyncio.to_thread(os.replace, tmp, dst)
             return received[0]
@@ -660,7 +736,7 @@ class RegistryClient:
 
         await asyncio.gather(*(one(r) for r in wanted))
 
-    async def _with_body_retries(self, what: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+    async def _with_body_retries(self, what: str, fn: Callable[[], Awaitable[Any]], registry: str) -> Any:
         """Run ``fn`` (a request plus body read); retry when the body breaks off mid-way."""
         attempts = 1 + self.config.retries
         for attempt in range(attempts):
@@ -668,11 +744,14 @@ class RegistryClient:
                 return await fn()
             except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
                     asyncio.TimeoutError) as exc:
+                self.observer.error("body")
                 if attempt + 1 >= attempts:
                     raise UnreachableError(f"reading {what} failed after {attempts} attempts: "
                                            f"{type(exc).__name__}") from exc
-                log.debug("reading %s failed (%s); retrying", what, type(exc).__name__)
-                await asyncio.sleep(self.config.backoff * (2 ** attempt))
+                delay = self.config.backoff * (2 ** attempt)
+                self._retrying("body", f"reading {what} failed ({type(exc).__name__})", delay, attempt + 1,
+                               attempts - 1, registry)
+                await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
     async def _fetch_single(self, ref: Reference, digest: str, r: tuple[int, int]) -> bytes:
@@ -687,13 +766,15 @@ class RegistryClient:
                 # 200: the registry ignored Range; skip to ``off`` without keeping what comes before.
                 start = 0 if resp.status == 200 else _content_range_start(resp.headers.get("Content-Range"), what)
                 if start > off:
+                    self.observer.error("range")
                     raise RangeNotSupportedError(f"{resp.endpoint.describe()} answered {what} with bytes from {start}")
                 return (await resp.collect(start, [r]))[r]
             finally:
                 resp.close()
 
-        data = await self._with_body_retries(what, attempt)
+        data = await self._with_body_retries(what, attempt, ref.registry)
         if len(data) != length:
+            self.observer.error("range")
             raise RangeNotSupportedError(f"{what}: got {len(data)} bytes (range past the end of the blob?)")
         return data
 
@@ -719,10 +800,12 @@ class RegistryClient:
             try:
                 at = 0 if resp.status == 200 else _content_range_start(resp.headers.get("Content-Range"), what)
                 if at > pos:
+                    self.observer.error("range")
                     raise RangeNotSupportedError(f"{resp.endpoint.describe()} answered {what} with bytes from {at}")
                 while pos < end:
                     data = await resp.resp.content.read(min(1 << 18, end - at))
                     if not data:
+                        self.observer.error("range")
                         raise RangeNotSupportedError(f"{what}: the body ended at byte {at} of the blob")
                     self._received(len(data))
                     lo, at = max(pos - at, 0), at + len(data)
@@ -733,11 +816,14 @@ class RegistryClient:
                 return
             except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
                     asyncio.TimeoutError) as exc:
+                self.observer.error("body")
                 if attempt + 1 >= attempts:
                     raise UnreachableError(f"reading {what} failed after {attempts} attempts at byte {pos}: "
                                            f"{type(exc).__name__}") from exc
-                log.debug("reading %s broke off at byte %d (%s); resuming", what, pos, type(exc).__name__)
-                await asyncio.sleep(self.config.backoff * (2 ** attempt))
+                delay = self.config.backoff * (2 ** attempt)
+                self._retrying("body", f"reading {what} broke off at byte {pos} ({type(exc).__name__}); resuming",
+                               delay, attempt + 1, attempts - 1, ref.registry)
+                await asyncio.sleep(delay)
             finally:
                 if pos < end or not resp.resp.content.at_eof():
                     resp.resp.close()  # a partial read: do not return the connection to the pool

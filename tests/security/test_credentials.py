@@ -17,6 +17,7 @@ import json
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -161,8 +162,9 @@ def _auth(user: str, password: str) -> dict[str, str]:
     return {"auth": base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
 @pytest.mark.parametrize("scheme", ["basic", "token"])
-def test_credentials_never_leak(tmp_path: Path, stored: Stored, scheme: str) -> None:
+def test_credentials_never_leak(tmp_path: Path, stored: Stored, scheme: str, log_format: str) -> None:
     image = stored.image
     with auth_registry(tmp_path, stored.storage, scheme) as (reg, tokens):
         good = f"{reg.host}/{stored.name}"
@@ -170,8 +172,10 @@ def test_credentials_never_leak(tmp_path: Path, stored: Stored, scheme: str) -> 
         docker_config = tmp_path / "docker-config.json"
         docker_config.write_text(json.dumps({"auths": {reg.host: _auth(USER, PASSWORD),
                                                        f"localhost:{reg.port}": _auth(USER, WRONG_PASSWORD)}}))
+        metrics = f"127.0.0.1:{free_port()}"
         config = write_config(tmp_path / "config.toml", tmp_path / "certs.d",
-                              extra="background_fetch = false",
+                              extra=f'background_fetch = false\nlog_format = "{log_format}"\n'
+                                    f'metrics_address = "{metrics}"',
                               registry_extra=f'docker_config = "{docker_config}"')
         root, sock = tmp_path / "root", tmp_path / "run" / "lazyd.sock"
         outputs: dict[str, str] = {}
@@ -245,6 +249,9 @@ def test_credentials_never_leak(tmp_path: Path, stored: Stored, scheme: str) -> 
             assert json.loads(down.stdout)["registry_reachable"] is False, down.stdout
             ctl("status --json (registry down)", "status", "--json")
             ctl("status (registry down)", "status")
+            with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=30) as resp:
+                outputs["metrics scrape"] = resp.read().decode()
+            assert "lazyd_registry_errors_total" in outputs["metrics scrape"]
             # while running: the state directories (not the FUSE roots)
             running_hits = (secrets_grep(tokens).tree(root, FUSE_DIRS)
                             + secrets_grep(tokens).tree(stack.snapshotter_root, FUSE_DIRS + ("fs",)))
@@ -258,7 +265,9 @@ def test_credentials_never_leak(tmp_path: Path, stored: Stored, scheme: str) -> 
     for wlog in sorted(root.glob("workers/*/worker.log")):
         logs[str(wlog)] = wlog.read_text(errors="replace")
     # The runs really were at debug level and did hit the failures whose messages are searched.
-    assert " DEBUG " in logs["lazyd log"] and " DEBUG" in logs["snapshotter log"]
+    debug = ' DEBUG ' if log_format == "text" else '"level":"DEBUG"'
+    assert debug in logs["lazyd log"] and " DEBUG" in logs["snapshotter log"]
+    assert all(debug in text for name, text in logs.items() if name.endswith("worker.log")), "workers log as set"
     assert "falling back" in logs["snapshotter log"] and wrong in logs["snapshotter log"]
     assert "credentials" in outputs["API error (wrong password)"]
     # The same grep finds both credentials in the docker config.json they came from.
