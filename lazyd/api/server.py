@@ -101,9 +101,14 @@ class Server:
                 self._tasks.add(task)
                 task.add_done_callback(running.discard)
                 task.add_done_callback(self._tasks.discard)
-        except (ConnectionError, OSError, asyncio.CancelledError):
+        except (ConnectionError, OSError):
             return
         finally:
+            # Every request gets its reply, also when the client stopped sending after its last
+            # one or sent a frame too big (not when the server itself is being stopped).
+            current = asyncio.current_task()
+            if running and not (current is not None and current.cancelling()):
+                await asyncio.gather(*running, return_exceptions=True)
             self._writers.discard(writer)
             writer.close()
 

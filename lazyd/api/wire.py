@@ -25,6 +25,31 @@ if TYPE_CHECKING:
 MAX_FRAME = 16 * 1024 * 1024
 """Largest frame either side accepts; a bigger length prefix is a protocol error."""
 
+# Per-object limits of the msgpack decoder (docs/protocol.md, "Decoder limits").  Without
+# them msgpack bounds each object only by the frame's length.
+MAX_STR_LEN = 1024 * 1024
+"""Bytes of one msgpack str: 256x the longest string field (4096 characters)."""
+MAX_BIN_LEN = 4 * 1024 * 1024
+"""Bytes of one msgpack bin: the largest byte-string field (a manifest, index or config)."""
+MAX_ARRAY_LEN = 100_000
+"""Items of one msgpack array: the longest list field."""
+MAX_MAP_LEN = 1024
+"""Entries of one msgpack map: every map is a message with named fields (at most a few dozen)."""
+MAX_EXT_LEN = 0
+"""The protocol uses no msgpack ext types: any ext (timestamps included) is refused."""
+
+_LIMITS = {
+    "max_str_len": MAX_STR_LEN,
+    "max_bin_len": MAX_BIN_LEN,
+    "max_array_len": MAX_ARRAY_LEN,
+    "max_map_len": MAX_MAP_LEN,
+    "max_ext_len": MAX_EXT_LEN,
+}
+# A body this short cannot break a limit: each map entry takes at least 2 bytes, the other
+# length limits are larger still, and packb writes no ext for the values lazyd sends.
+# Longer bodies are checked by decoding them before they are sent.
+_SURELY_WITHIN_LIMITS = 2 * MAX_MAP_LEN
+
 _HEADER = struct.Struct(">I")
 
 
@@ -37,17 +62,30 @@ def encode(message: dict[str, Any]) -> bytes:
     body = msgpack.packb(message, use_bin_type=True)
     if len(body) > MAX_FRAME:
         raise ProtocolError(f"message of {len(body)} bytes exceeds the {MAX_FRAME}-byte frame limit")
+    if len(body) > _SURELY_WITHIN_LIMITS:
+        try:
+            _unpack(body)  # what the peer would refuse is refused here, as one error, not a torn connection
+        except Exception as exc:
+            raise ProtocolError(f"message exceeds a decoder limit: {exc}") from None
     return _HEADER.pack(len(body)) + body
 
 
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack ext type {code} is not part of the protocol")
+
+
+def _unpack(body: bytes) -> Any:
+    return msgpack.unpackb(body, raw=False, strict_map_key=True, ext_hook=_refuse_ext, **_LIMITS)
+
+
 def decode_body(body: bytes) -> dict[str, Any]:
-    """Unpack one frame body into a map, rejecting anything else."""
+    """Unpack one frame body into a map, rejecting anything else.
+
+    The body is bounded by the frame length and each object in it by the ``MAX_*_LEN``
+    limits; nesting is bounded by msgpack's own decoder stack (1024 containers).
+    """
     try:
-        message = msgpack.unpackb(
-            body,
-            raw=False,
-            strict_map_key=True,
-        )  # the length prefix already bounds the body to MAX_FRAME
+        message = _unpack(body)
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(f"frame is not valid msgpack: {exc}") from exc
     if not isinstance(message, dict):

@@ -5,6 +5,8 @@ non-negative ints (not floats or bools), strings strings, ``type`` one of the eS
 entry types, ``xattrs`` base64.  One Python pass then does what a type cannot say:
 names read as the reference reads them, links present, sizes bounded, digests
 ``sha256:<64 hex>``, modtimes RFC 3339, owner names filled in, derived fields set.
+(The decoder itself also bounds names and link targets to ``MAX_NAME_LEN`` characters,
+ids and device numbers to 32 bits and payload offsets to ``MAX_OFFSET``.)
 
 A document the decoder rejects is read again with ``json`` and checked field by field
 (``_explain``), so every error names the entry and field at fault, as it always did;
@@ -29,12 +31,23 @@ from lazyd.estargz.names import normalize_name
 
 ENTRY_TYPES = frozenset({"dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk"})
 MAX_FILE_SIZE = 1 << 44  # 16 TiB: anything larger is treated as corrupt
+# Longest name or link target, as PATH_MAX: no system call takes a longer path, so no unpacker
+# can create the file.  It also bounds the parent directories one name can imply (each '/'
+# may imply one, named by a prefix of the name: their cost grows with the square of its length).
+MAX_NAME_LEN = 4096
+MAX_ID = (1 << 32) - 1  # uid, gid, devMajor, devMinor: 32-bit on Linux (a wider one would wrap to another)
+# offset and innerOffset: every consumer keeps them in int64 columns, and a chunk's inner end
+# (innerOffset + size) is a C size_t when it is inflated.
+MAX_OFFSET = MAX_FILE_SIZE << 16  # 2^60
 
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}\Z")
 _TYPE_BITS = {"dir": stat.S_IFDIR, "reg": stat.S_IFREG, "symlink": stat.S_IFLNK, "hardlink": stat.S_IFREG,
               "char": stat.S_IFCHR, "block": stat.S_IFBLK, "fifo": stat.S_IFIFO, "chunk": stat.S_IFREG}
 
 _UInt = Annotated[int, Meta(ge=0)]
+_Id = Annotated[int, Meta(ge=0, le=MAX_ID)]
+_Offset = Annotated[int, Meta(ge=0, le=MAX_OFFSET)]
+_Name = Annotated[str, Meta(max_length=MAX_NAME_LEN)]
 # Default of ``name``: told apart from any decoded string by identity (and it holds a NUL,
 # which no valid name does).
 _NO_NAME = "\x00(no name)"
@@ -87,25 +100,25 @@ class TOCEntry(msgspec.Struct, kw_only=True, eq=False, gc=False, rename=_JSON_KE
     ``chunk`` entries only name/type/offset/chunk fields are meaningful.
     """
 
-    name: str = _NO_NAME
+    name: _Name = _NO_NAME
     type: _Kind
     size: _UInt = 0
     mode: _UInt = 0
-    uid: _UInt = 0
-    gid: _UInt = 0
+    uid: _Id = 0
+    gid: _Id = 0
     uname: str = ""
     gname: str = ""
     modtime_text: str = ""
-    link_name: str = ""
-    dev_major: _UInt = 0
-    dev_minor: _UInt = 0
+    link_name: _Name = ""
+    dev_major: _Id = 0
+    dev_minor: _Id = 0
     xattrs: Optional[dict[str, bytes]] = {}
     digest: str = ""
-    offset: _UInt = 0
+    offset: _Offset = 0
     chunk_offset: _UInt = 0
     chunk_size: _UInt = 0
     chunk_digest: str = ""
-    inner_offset: _UInt = 0
+    inner_offset: _Offset = 0
     # derived by TOC.parse
     modtime: float = 0.0
     num_link: int = 1
@@ -292,12 +305,21 @@ def _check_raw_entry(i: int, raw: Any) -> None:
     if kind != "chunk" and "name" not in raw:
         raise TOCError(f"{where}: missing field 'name'")
     normalize_name(raw.get("name", ""), f"entry {i} name")
+    for key in ("name", "linkName"):
+        if len(raw.get(key, "")) > MAX_NAME_LEN:
+            raise TOCError(f"{where}: {key} of {len(raw[key])} characters is longer than {MAX_NAME_LEN}")
     if kind in ("symlink", "hardlink"):
         _check_link(where, kind, raw.get("linkName", ""))
     if kind == "hardlink":
         normalize_name(raw["linkName"], f"{where}: hardlink target")
     if raw.get("size", 0) > MAX_FILE_SIZE:
         _absurd(where, raw["size"])
+    for key in ("uid", "gid", "devMajor", "devMinor"):
+        if raw.get(key, 0) > MAX_ID:
+            raise TOCError(f"{where}: {key} {raw[key]} does not fit 32 bits")
+    for key in ("offset", "innerOffset"):
+        if raw.get(key, 0) > MAX_OFFSET:
+            raise TOCError(f"{where}: {key} {raw[key]} is absurd (limit {MAX_OFFSET})")
     _check_digests(where, raw.get("digest", ""), raw.get("chunkDigest", ""))
     rx = raw.get("xattrs")
     if rx is not None:

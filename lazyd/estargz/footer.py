@@ -29,11 +29,12 @@ class Footer:
 
 
 def footer_bytes(toc_offset: int) -> bytes:
-    """The 51-byte eStargz footer pointing at ``toc_offset``."""
+    """The 51-byte eStargz footer pointing at ``toc_offset``; ValueError unless 0 <= toc_offset < 2**64
+    (the footer holds exactly 16 hex digits)."""
+    if not 0 <= toc_offset < 1 << 64:
+        raise ValueError(f"TOC offset {toc_offset} does not fit the footer's 16 hex digits")
     sub = b"%016x" % toc_offset + _MAGIC
-    out = _HEAD + struct.pack("<H", 4 + len(sub)) + b"SG" + struct.pack("<H", len(sub)) + sub + _EMPTY_BODY
-    assert len(out) == FOOTER_SIZE
-    return out
+    return _HEAD + struct.pack("<H", 4 + len(sub)) + b"SG" + struct.pack("<H", len(sub)) + sub + _EMPTY_BODY
 
 
 def _check_empty_member(raw: bytes, kind: str) -> None:

@@ -30,6 +30,8 @@ LANDMARK_CONTENTS = b"\x0f"
 
 MAX_CHUNK_SIZE = 1 << 30     # one chunk is decompressed and verified in memory
 
+IMPLIED_NAMES_SLACK = 16 << 20
+"""Bytes of implied parent-directory names a TOC may make besides twice its own size (see ``_tree``)."""
 MAX_TOC_JSON_SIZE = 128 << 20
 """Largest ``stargz.index.json`` accepted: 128 MiB.
 
@@ -184,7 +186,7 @@ class TOC:
             raise TOCError(f"TOC offset {toc_offset} is negative")
         version, entries = decode_entries(json_bytes)
         chunks = _chunk_table(entries, toc_offset)
-        by_name, root = _tree(entries)
+        by_name, root = _tree(entries, 2 * len(json_bytes) + IMPLIED_NAMES_SLACK)
         return cls(version, entries, digest, toc_offset, chunks, by_name, root)
 
     # -- queries -------------------------------------------------------------
@@ -323,8 +325,13 @@ def _resolve(entry: TOCEntry, by_name: dict[str, TOCEntry]) -> TOCEntry:
     return entry
 
 
-def _tree(entries: list[TOCEntry]) -> tuple[dict[str, TOCEntry], TOCEntry]:
-    """Name index (later duplicates win, implied parents added) and directory children."""
+def _tree(entries: list[TOCEntry], implied_budget: int) -> tuple[dict[str, TOCEntry], TOCEntry]:
+    """Name index (later duplicates win, implied parents added) and directory children.
+
+    Implied parent directories are named by their full path, so one deep name implies
+    O(depth^2) bytes of names: at most ``implied_budget`` bytes of them are made (TOCError
+    beyond), which keeps the memory a TOC can cost linear in its size."""
+    budget = [implied_budget]
     by_name: dict[str, TOCEntry] = {}
     for e in entries:
         if e.type != "chunk":
@@ -341,7 +348,7 @@ def _tree(entries: list[TOCEntry]) -> tuple[dict[str, TOCEntry], TOCEntry]:
         parent_name, _, base = name.rpartition("/")
         parent = by_name.get(parent_name)
         if parent is None:
-            parent = _implied_parents(parent_name, by_name)
+            parent = _implied_parents(parent_name, by_name, budget)
         children = parent.children
         if children is None:
             raise TOCError(f"{name!r} is inside {parent.name!r}, which is a {parent.type}, not a directory")
@@ -363,11 +370,16 @@ def _implied(name: str) -> TOCEntry:
     return TOCEntry(name=name, type="dir", mode=0o755, num_link=2, children={}, implied=True)
 
 
-def _implied_parents(name: str, by_name: dict[str, TOCEntry]) -> TOCEntry:
-    """Directory ``name`` (absent from the layer) and any absent parents, linked into the tree."""
+def _implied_parents(name: str, by_name: dict[str, TOCEntry], budget: list[int]) -> TOCEntry:
+    """Directory ``name`` (absent from the layer) and any absent parents, linked into the tree;
+    ``budget[0]``: bytes of implied names still allowed (decreased here)."""
     missing = []
     while name not in by_name:  # the root is always there
         missing.append(name)
+        budget[0] -= len(name) + 64  # the name, and roughly what its entry costs besides
+        if budget[0] < 0:
+            raise TOCError("the TOC implies more parent directories than its size allows (a name nested "
+                           f"thousands of levels deep, such as {name[:80]!r}...)")
         name = name.rpartition("/")[0]
     parent = by_name[name]
     for d in reversed(missing):

@@ -80,9 +80,13 @@ def _split(name: str) -> list[str]:
     return [part for part in name.strip("/").split("/") if part not in ("", ".")]
 
 
+_NS_MIN, _NS_MAX = -(2**63), 2**63 - 1
+
+
 def _mtime_ns(entry: TOCEntry) -> int:
-    """The entry's modification time in integer nanoseconds (TOC times are epoch seconds)."""
-    return round(entry.modtime * 1_000_000_000)
+    """The entry's modification time in integer nanoseconds (TOC times are epoch seconds),
+    clamped to what 64 bits hold (1677-09-21 .. 2262-04-11; RFC 3339 allows years 0-9999)."""
+    return min(max(round(entry.modtime * 1_000_000_000), _NS_MIN), _NS_MAX)
 
 
 class InodeTable:
@@ -169,12 +173,14 @@ class InodeTable:
                 continue
             # TOC names are normalised ("a/b", root ""), so the parent is a plain prefix.
             path = entry.name
+            if not path and kind != "dir":
+                # A non-directory root that a later root directory replaces (TOC.parse lets the
+                # later entry win and refuses a layer whose last root is not a directory).
+                continue
             if kind == "hardlink":
                 hardlinks.append((_split(path), entry))
                 continue
             if not path:
-                if kind != "dir":
-                    raise InodeTableError(f"the layer root is a {kind!r}, not a directory")
                 table._set_attr(ROOT, table._entry_attr(entry))
                 table._xattrs.pop(ROOT, None)  # a later root entry ("./" after "/") replaces an earlier one
                 table._set_xattrs(ROOT, entry)
