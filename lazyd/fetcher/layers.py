@@ -57,7 +57,7 @@ from lazyd.estargz import (
     read_footer,
 )
 from lazyd.estargz.toc import MAX_TOC_MEMBER_SIZE
-from lazyd.fuse.inodes import InodeTable, InodeTableError
+from lazyd.estargz.inodes import InodeTable, InodeTableError
 from lazyd.registry import (
     Descriptor,
     DigestMismatchError,

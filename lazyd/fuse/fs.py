@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import llfuse
 
-from lazyd.fuse.inodes import ROOT, InodeTable
+from lazyd.estargz.inodes import ROOT, InodeTable
 from lazyd.fuse.reader import ChunkReader, MountCounters
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from lazyd.cache.store import ChunkKey, ChunkStore
 from lazyd.fuse.fetchconn import FetchError, FetcherConnection
-from lazyd.fuse.inodes import ChunkRef, InodeTable
+from lazyd.estargz.inodes import ChunkRef, InodeTable
 
 log = logging.getLogger(__name__)
 

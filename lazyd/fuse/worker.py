@@ -33,7 +33,7 @@ from lazyd import mounttable as mounts
 from lazyd import unixsocket
 from lazyd.fuse.fetchconn import FetcherConnection
 from lazyd.fuse.fs import LazyFS, Layer
-from lazyd.fuse.inodes import InodeTable, InodeTableError
+from lazyd.estargz.inodes import InodeTable, InodeTableError
 from lazyd.fuse.reader import ChunkReader
 
 log = logging.getLogger("lazyd.fuse.worker")

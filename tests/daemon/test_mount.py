@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from lazyd.estargz import TOC, decode_toc_member, read_footer
-from lazyd.fuse.inodes import InodeTable
+from lazyd.estargz.inodes import InodeTable
 from tests.daemon.conftest import DaemonProc, via
 from tests.support.treecheck import check_tree
 from tests.support.estargz_images import EStargzImage, build_layers, push_layers

@@ -15,7 +15,7 @@ import pytest
 
 from lazyd.cache.store import ChunkKey, ChunkStore
 from lazyd.fuse.fetchconn import FetchError, FetcherConnection
-from lazyd.fuse.inodes import OPAQUE_XATTR, ROOT, InodeTable
+from lazyd.estargz.inodes import OPAQUE_XATTR, ROOT, InodeTable
 from lazyd.fuse.reader import ChunkReader, ChunkUnavailable, MountCounters
 from tests.fuse.conftest import BuiltLayer, make_layer, rich_tar
 from tests.fuse.fetcher import LocalFetcher

@@ -16,7 +16,7 @@ import pytest
 
 from lazyd import mounttable as mounts
 from lazyd.estargz import TOC
-from lazyd.fuse.inodes import InodeTable, InodeTableError
+from lazyd.estargz.inodes import InodeTable, InodeTableError
 from tests.fuse.conftest import (
     FETCH_TIMEOUT,
     BuiltLayer,

@@ -124,7 +124,22 @@ def guarded(fn: Callable[[], T], allowed: tuple[type[BaseException], ...], *, ma
             max_seconds: float = CASE_SECONDS) -> Outcome:
     """Run ``fn``: only the ``allowed`` errors may escape it (any other propagates and fails
     the case), it must allocate at most ``max_bytes`` (tracemalloc peak) and return within
-    ``max_seconds``."""
+    ``max_seconds``.
+
+    tracemalloc counts every thread of the process (a proxy thread of another test module may
+    still be running), so a peak over the limit is measured once more and the smaller one
+    counts: ``fn`` is a pure parse, so a real excess shows both times."""
+    out = _guarded_once(fn, allowed)
+    if out.peak > max_bytes:
+        again = _guarded_once(fn, allowed)
+        if again.peak < out.peak:
+            out = again
+    assert out.peak <= max_bytes, f"allocated {out.peak} bytes (limit {max_bytes})"
+    assert out.seconds <= max_seconds, f"took {out.seconds:.1f} s (limit {max_seconds} s)"
+    return out
+
+
+def _guarded_once(fn: Callable[[], T], allowed: tuple[type[BaseException], ...]) -> Outcome:
     was_tracing = tracemalloc.is_tracing()
     if not was_tracing:
         tracemalloc.start()
@@ -142,8 +157,6 @@ def guarded(fn: Callable[[], T], allowed: tuple[type[BaseException], ...], *, ma
         peak = tracemalloc.get_traced_memory()[1] - base
         if not was_tracing:
             tracemalloc.stop()
-    assert peak <= max_bytes, f"allocated {peak} bytes (limit {max_bytes})"
-    assert seconds <= max_seconds, f"took {seconds:.1f} s (limit {max_seconds} s)"
     return Outcome(result, error, peak, seconds)
 
 

@@ -23,7 +23,7 @@ import pytest
 from lazyd.estargz import TOC, EStargzError, Reader, TOCError
 from lazyd.estargz.entries import MAX_FILE_SIZE
 from lazyd.estargz.toc import MAX_CHUNK_SIZE
-from lazyd.fuse.inodes import InodeTable, InodeTableError
+from lazyd.estargz.inodes import InodeTable, InodeTableError
 from tests.fuse.conftest import (  # noqa: F401 (worker_env is a fixture)
     BuiltLayer,
     ControlError,

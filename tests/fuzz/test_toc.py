@@ -182,7 +182,7 @@ INT64_NS_SECONDS = (2**63 - 1) / 1e9  # InodeTable keeps modification times as i
 
 
 def known_consumer_bug(toc: TOC) -> str | None:
-    """The bugs test_hostile_layers.py xfails (lazyd/fuse/inodes.py), so this target finds new ones."""
+    """The bugs test_hostile_layers.py xfails (lazyd/estargz/inodes.py), so this target finds new ones."""
     for e in toc.entries:
         if abs(e.modtime) > INT64_NS_SECONDS:
             return "InodeTable: modtime beyond int64 nanoseconds"
@@ -197,7 +197,7 @@ def test_parsed_toc_consumers(cases: CaseCounter, doc: bytes, toc_offset: int) -
     """Every TOC that parses turns into the worker's inode table and the fetcher's chunk index,
     or is refused with their own errors (InodeTableError, ChunkIndexError)."""
     from lazyd.fetcher.layers import ChunkIndex, ChunkIndexError
-    from lazyd.fuse.inodes import InodeTable, InodeTableError
+    from lazyd.estargz.inodes import InodeTable, InodeTableError
 
     cases.hit()
     toc = check_parse(doc, toc_offset)

@@ -262,4 +262,4 @@ def test_no_other_module_unpacks_socket_data() -> None:
     root = Path(__file__).resolve().parents[2] / "lazyd"
     users = sorted(str(p.relative_to(root)) for p in root.rglob("*.py")
                    if re.search(r"\bunpackb\b|\bUnpacker\b", p.read_text()))
-    assert users == ["api/wire.py", "fuse/inodes.py"], users
+    assert users == ["api/wire.py", "estargz/inodes.py"], users
