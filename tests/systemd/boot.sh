@@ -1,6 +1,9 @@
 #!/bin/bash
 # PID 1 of a fresh PID, mount, UTS and cgroup namespace (see tests/systemd/sandbox.py): builds the
-# sandbox's root and execs Debian's systemd in it.  Usage: boot.sh WORKDIR UNIT
+# sandbox's root and execs Debian's systemd in it.  Usage: boot.sh WORKDIR UNIT [SRC]
+#   SRC             the lazyd checkout the venv's editable install points at, bound read-only at
+#                   the same path (the overlay holds only the root file system, and /tmp is a
+#                   fresh tmpfs: a checkout under /tmp or on another file system would vanish)
 #   WORKDIR/files/  copied over the root (units, config, masks)
 #   WORKDIR/t/      a tmpfs mounted here holds the overlay's upper layer and the new root
 # The root is an overlay of the machine's / (read only below) and a tmpfs: whatever systemd and
@@ -11,6 +14,7 @@
 set -euo pipefail
 work=$1
 unit=$2
+src=${3:-}
 mount --make-rprivate /
 mount -t tmpfs -o mode=0755 lazyd-sandbox "$work/t"
 mkdir "$work/t/upper" "$work/t/work" "$work/t/root"
@@ -35,6 +39,11 @@ mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts "$root/dev/pts"
 ln -s pts/ptmx "$root/dev/ptmx"
 mount -t tmpfs -o mode=0755,nosuid,nodev lazyd-sandbox "$root/run"
 mount -t tmpfs -o mode=1777,nosuid,nodev lazyd-sandbox "$root/tmp"
+if [ -n "$src" ]; then
+  mkdir -p "$root$src"
+  mount --bind "$src" "$root$src"
+  mount -o remount,bind,ro "$root$src"
+fi
 mkdir "$root/.oldroot"
 cd "$root"
 pivot_root . .oldroot

@@ -28,6 +28,8 @@ from pathlib import Path
 
 SYSTEMD = Path("/usr/lib/systemd/systemd")
 BOOT = Path(__file__).with_name("boot.sh")
+SOURCE = Path(__file__).resolve().parents[2]
+"""The checkout under test (the venv's editable install points at it): bound into the sandbox."""
 CGROUP2 = Path("/sys/fs/cgroup/unified")
 TARGET = "lazyd-sandbox.target"
 MASKED = (
@@ -128,8 +130,8 @@ def start_sandbox(workdir: Path, files: dict[str, str], timeout: float = 60) -> 
         # the sandbox's root, --fork makes boot.sh PID 1 of the new PID namespace.
         proc = subprocess.Popen(
             ["sh", "-c", 'echo $$ > "$1/cgroup.procs" && exec unshare --mount --pid --fork --uts --cgroup '
-                         '--propagation private -- "$2" "$3" "$4"',
-             "sh", str(cgroup), str(BOOT), str(workdir), TARGET],
+                         '--propagation private -- "$2" "$3" "$4" "$5"',
+             "sh", str(cgroup), str(BOOT), str(workdir), TARGET, str(SOURCE)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     except BaseException:
         cgroup.rmdir()
