@@ -19,7 +19,7 @@ import time
 import tracemalloc
 from collections import Counter
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,14 +42,17 @@ CASE_SECONDS = 10.0
 T = TypeVar("T")
 
 
-@dataclass
 class CaseCounter:
-    """Cases run per test (node id) and the time each test took."""
+    """Cases run per test (node id), the time each test took, and measurements."""
 
-    counts: Counter[str] = field(default_factory=Counter, repr=False)
-    seconds: dict[str, float] = field(default_factory=dict, repr=False)
-    measurements: dict[str, str] = field(default_factory=dict, repr=False)
-    current: str = ""
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.seconds: dict[str, float] = {}
+        self.measurements: dict[str, str] = {}
+        self.current = ""
+
+    def __repr__(self) -> str:  # hypothesis prints it with every failing case
+        return "CaseCounter()"
 
     def hit(self) -> None:
         self.counts[self.current] += 1
