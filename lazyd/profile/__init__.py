@@ -1,0 +1,1 @@
+"""Workload profiles: access records, recording them, storing and publishing them."""
