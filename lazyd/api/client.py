@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from lazyd.api import wire
 from lazyd.api.messages import (
-    INTERNAL,
+    INVALID_REQUEST,
     OPS,
     TIMEOUT,
     UNAVAILABLE,
@@ -49,12 +49,12 @@ def _args(args: Message | dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _unwrap(reply: dict[str, Any]) -> Any:
-    if reply.get("ok") is True:
+    """The result of a success reply; ``ApiError`` for an error reply (``internal`` for a
+    malformed one, whatever its shape or depth: see ``wire.reply_error``)."""
+    error = wire.reply_error(reply)
+    if error is None:
         return reply.get("result")
-    error = reply.get("error")
-    if not isinstance(error, dict):
-        raise ApiError(INTERNAL, f"malformed reply: {str(reply)[:200]}")
-    raise ApiError(str(error.get("code", INTERNAL)), str(error.get("message", "")))
+    raise ApiError(*error)
 
 
 def _typed(op: str, result: Any) -> Any:
@@ -161,8 +161,12 @@ class Client:
             self._pending[request_id] = pending
         try:
             try:
+                frame = wire.encode({"id": request_id, "op": op, "args": _args(args)}, wire.REQUESTS)
+            except wire.ProtocolError as exc:
+                raise ApiError(INVALID_REQUEST, f"{op} request not sent: {exc}") from None
+            try:
                 with self._send_lock:
-                    wire.send_frame(sock, {"id": request_id, "op": op, "args": _args(args)})
+                    sock.sendall(frame)
             except OSError as exc:
                 _shutdown(sock)
                 raise ApiError(UNAVAILABLE, f"connection to {self.socket_path} lost: {exc}") from None
@@ -268,7 +272,8 @@ class AsyncClient:
                 return self._writer
             try:
                 reader, writer = await asyncio.wait_for(
-                    asyncio.open_unix_connection(self.socket_path, limit=wire.MAX_FRAME + 8), self.connect_timeout
+                    asyncio.open_unix_connection(self.socket_path, limit=wire.stream_limit(wire.REPLIES)),
+                    self.connect_timeout,
                 )
             except (OSError, asyncio.TimeoutError) as exc:
                 raise ApiError(UNAVAILABLE, f"cannot connect to {self.socket_path}: {exc}") from None
@@ -300,8 +305,10 @@ class AsyncClient:
         fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = fut
         try:
-            await wire.write_frame(writer, {"id": request_id, "op": op, "args": _args(args)})
+            await wire.write_frame(writer, {"id": request_id, "op": op, "args": _args(args)}, wire.REQUESTS)
             reply = await asyncio.wait_for(fut, self.timeout if timeout is None else timeout)
+        except wire.ProtocolError as exc:
+            raise ApiError(INVALID_REQUEST, f"{op} request not sent: {exc}") from None
         except asyncio.TimeoutError:
             raise ApiError(TIMEOUT, f"no reply to {op} from {self.socket_path} in time") from None
         except OSError as exc:

@@ -107,7 +107,8 @@ def pieces(ops: list[str]) -> st.SearchStrategy[list[Any]]:
         requests(ops).map(lambda r: ("request", r)),
     )
     return st.tuples(st.lists(piece, min_size=1, max_size=6),
-                     st.sampled_from([b"", b"", b"", struct.pack(">I", wire.MAX_FRAME + 1), b"\x00\x00"])
+                     st.sampled_from([b"", b"", b"", struct.pack(">I", wire.MAX_FRAME + 1),
+                                      struct.pack(">I", wire.MAX_BULK_REQUEST + 1), b"\x00\x00"])
                      ).map(lambda t: [*t[0], ("raw", t[1])])
 
 
@@ -131,23 +132,23 @@ class Frame:
     ends_connection: bool
 
 
-def frames_of(stream: bytes, bad_frame_ends: bool, bool_ids: bool) -> list[Frame]:
-    """The frames a server reads from ``stream`` up to the first one that ends the connection (an
-    oversize length prefix, or for the worker an undecodable frame).  Each is owed one reply; its
-    id is None when the frame has no usable id.  Bytes after the last complete frame are read as
-    the start of one more and get no reply."""
+def frames_of(stream: bytes, bad_frame_ends: bool, bool_ids: bool, policy: wire.Policy) -> list[Frame]:
+    """The frames a server reading with ``policy`` reads from ``stream`` up to the first one that
+    ends the connection (an oversize length prefix, or for the worker an undecodable frame).  Each
+    is owed one reply; its id is None when the frame has no usable id.  Bytes after the last
+    complete frame are read as the start of one more and get no reply."""
     frames: list[Frame] = []
     pos = 0
     while len(stream) - pos >= 4:
         (length,) = struct.unpack_from(">I", stream, pos)
-        if length > wire.MAX_FRAME:
+        if length > policy.max_frame:
             frames.append(Frame(pos, pos + 4, None, True))
             break
         if len(stream) - pos - 4 < length:
             break
         end = pos + 4 + length
         try:
-            message = wire.decode_body(stream[pos + 4 : end])
+            message = wire.decode_body(stream[pos + 4 : end], policy)
         except wire.ProtocolError:
             frames.append(Frame(pos, end, None, bad_frame_ends))
             if bad_frame_ends:
@@ -160,12 +161,12 @@ def frames_of(stream: bytes, bad_frame_ends: bool, bool_ids: bool) -> list[Frame
     return frames
 
 
-def exchange(path: str, stream: bytes, bad_frame_ends: bool, bool_ids: bool) -> None:
+def exchange(path: str, stream: bytes, bad_frame_ends: bool, bool_ids: bool, policy: wire.Policy) -> None:
     """Send ``stream`` and check every reply it is owed, in any order; after a frame that ends the
     connection, the replies of the requests still running come too, then the end of stream.
     (Nothing after that frame is sent: a Unix socket closed with unread data makes the peer's
     next read fail with ECONNRESET, replies or not.)"""
-    frames = frames_of(stream, bad_frame_ends, bool_ids)
+    frames = frames_of(stream, bad_frame_ends, bool_ids, policy)
     ends = bool(frames) and frames[-1].ends_connection
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(REPLY_TIMEOUT)  # a hung server fails the case with TimeoutError
@@ -195,7 +196,8 @@ def check_replies(replies: list[dict[str, Any]], want_ids: list[Any]) -> None:
 @given(parts=pieces(sorted(messages.OPS)))
 def test_main_socket(cases: CaseCounter, live: Live, parts: list[Any]) -> None:
     cases.hit()
-    exchange(str(live.daemon.socket), assemble(parts, live.base), bad_frame_ends=False, bool_ids=False)
+    exchange(str(live.daemon.socket), assemble(parts, live.base), bad_frame_ends=False, bool_ids=False,
+             policy=wire.REQUESTS)
     with Client(str(live.daemon.socket), timeout=REPLY_TIMEOUT, connect_timeout=5) as c:
         status = c.status()
     assert status.pid == live.daemon.proc.pid and [w.state for w in status.workers] == ["ready"]
@@ -206,7 +208,8 @@ def test_main_socket(cases: CaseCounter, live: Live, parts: list[Any]) -> None:
 def test_worker_control_socket(cases: CaseCounter, live: Live, parts: list[Any]) -> None:
     cases.hit()
     path = live.worker_socket()
-    exchange(path, assemble(parts, live.base), bad_frame_ends=True, bool_ids=True)
+    # The worker's control server (lazyd/fuse/worker.py) reads requests with the default policy.
+    exchange(path, assemble(parts, live.base), bad_frame_ends=True, bool_ids=True, policy=wire.REPLIES)
     with Client(path, timeout=REPLY_TIMEOUT, connect_timeout=5) as c:
         status = c.request("worker.status")
     assert status.mounts == [] and status.pid > 0
