@@ -104,8 +104,9 @@ def _pull_in_lazyd(args: argparse.Namespace, bar: "Progress", show: bool) -> dic
             asked = False
             status = reply.get("result") if reply.get("ok") else None
             if isinstance(status, dict):
-                bar.set_description(str(status.get("description", "")))
-                done = int(status.get("bytes", 0))
+                description, done = status.get("description"), status.get("bytes")
+                bar.set_description(description if isinstance(description, str) else "")
+                done = done if isinstance(done, int) else 0
                 bar.update(max(0, done - shown))
                 shown = max(shown, done)
     except (OSError, EOFError, wire.ProtocolError) as exc:
@@ -119,7 +120,8 @@ def _pull_in_lazyd(args: argparse.Namespace, bar: "Progress", show: bool) -> dic
         return None  # an older lazyd: rpull does the work and asks it to resolve
     if error.get("code") == "unavailable" and os.path.exists(request["address"]):
         return None  # lazyd cannot reach the containerd socket this process sees (another mount namespace)
-    raise _LazydRefused(str(error.get("message") or f"malformed reply from lazyd: {str(reply)[:200]}"))
+    failed = wire.reply_error(reply)  # never str()s the reply (a deep one would recurse)
+    raise _LazydRefused(failed[1] if failed else "lazyd answered the pull with success and no result")
 
 
 class _BarObserver:

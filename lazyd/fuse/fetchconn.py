@@ -200,9 +200,7 @@ class FetcherConnection:
 
     @staticmethod
     def _result(reply: dict[str, Any], layer_digest: str) -> None:
-        if reply.get("ok") is True:
+        failed = wire.reply_error(reply)  # never str()s the reply (a deep one would recurse)
+        if failed is None:
             return None
-        error = reply.get("error")
-        if not isinstance(error, dict):
-            raise FetchError("internal", f"malformed error reply from the fetcher: {reply!r}")
-        raise FetchError(str(error.get("code", "internal")), str(error.get("message", "")))
+        raise FetchError(*failed)
