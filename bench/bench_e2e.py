@@ -406,10 +406,11 @@ def via(proxy: TCPProxy, ref: str) -> str:
     return proxy.host + "/" + ref.split("/", 1)[1]
 
 
-def _run_to_output(cd: Containerd, ref: str, name: str, proxy: TCPProxy) -> tuple[float, float, int, int]:
+def _run_to_output(cd: Containerd, ref: str, name: str, proxy: TCPProxy,
+                   snapshotter: str = PROXY_SNAPSHOTTER) -> tuple[float, float, int, int]:
     """``ctr run --rm`` the workload: (seconds to first line, seconds to exit, bytes and requests by then)."""
     argv = ["ctr", "--address", cd.address, "--namespace", "default", "run", "--rm", "--snapshotter",
-            PROXY_SNAPSHOTTER, ref, name, *CMD]
+            snapshotter, ref, name, *CMD]
     start = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None

@@ -14,6 +14,7 @@ from lazyd.unixsocket import group_exists
 
 DEFAULT_CONFIG = Path("/etc/lazyd/config.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+PROFILE_MODES = ("off", "local", "registry")
 MIN_CACHE_SIZE = 16 * 1024 * 1024
 """Smallest ``cache_size``: four chunks of 4 MiB, the chunk size of lazyd's converter and of the
 reference's (the largest chunks of the images lazyd makes).  Reads stay correct below it (a
@@ -97,6 +98,13 @@ class DaemonConfig:
     background_fetch: bool = True
     """After the prefetch, fetch the rest of each layer at the lowest priority."""
 
+    profiles: str = "local"
+    """Prefetch profiles (docs/profiles.md): ``off``; ``local`` (use the profiles in
+    ``<root>/profiles``); ``registry`` (also look for one in the registry on mount)."""
+
+    profile_timeout: float = 5.0
+    """Longest a mount waits for a profile from the registry (``profiles = "registry"``)."""
+
     background_delay: float = 2.0
     """Seconds without mounts, on-demand or prefetch fetches before each background request,
     so the background fetch never competes with a starting container for the link."""
@@ -166,6 +174,8 @@ class DaemonConfig:
              f"must be at least {MIN_CACHE_SIZE} bytes (16 MiB: room for four 4 MiB chunks, the default chunk size, "
              "so chunks fetched ahead of a read are not evicted before it gets to them)"),
             ("prefetch_timeout", self.prefetch_timeout >= 0, "must not be negative"),
+            ("profiles", self.profiles in PROFILE_MODES, f"must be one of {', '.join(PROFILE_MODES)}"),
+            ("profile_timeout", self.profile_timeout > 0, "must be positive"),
             ("background_batch_size", self.background_batch_size >= 4096, "must be at least 4096"),
             ("background_delay", self.background_delay >= 0, "must not be negative"),
             ("max_range_size", self.max_range_size >= 4096, "must be at least 4096"),

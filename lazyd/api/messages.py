@@ -308,6 +308,26 @@ class WorkerStatusResult(Message):
     mounts: list[WorkerMountStatus] = _f([])
     no_open: bool = False
     llfuse_version: str = _f("", max_len=MAX_ID)
+    tracing: bool = False
+
+
+@dataclass(frozen=True)
+class WorkerTraceArgs(Message):
+    """``worker.trace``: the files opened so far in a mount of a tracing worker (``--trace``)."""
+
+    mount_id: str = _f(pattern=MOUNT_ID_RE, what="mount id", max_len=MAX_ID)
+
+
+@dataclass(frozen=True)
+class TraceResult(Message):
+    """``trace`` / ``worker.trace`` result: root-relative paths of the regular files opened in the
+    mount, each once, in first-open order; ``truncated`` when the trace stopped at its bound.
+    ``seqs[i]`` numbers the first open of ``paths[i]`` among all opens the tracing worker saw, so
+    the traces of the layers of one container merge into one first-access order."""
+
+    paths: list[str] = _f([])
+    truncated: bool = False
+    seqs: list[int] = _f([])
 
 
 # -- main ops (clients -> fetcher) ---------------------------------------------------
@@ -327,6 +347,7 @@ class MountArgs(Message):
     mountpoint: str = _f(**_PATH)
     toc_digest: str | None = _f(None, **_DIGEST)
     prefetch_wait: bool | None = None
+    trace: bool = False  # serve it from the tracing worker, which records every open (``trace`` op)
 
 
 @dataclass(frozen=True)
@@ -335,6 +356,13 @@ class MountResult(Message):
     toc_digest: str
     layer_size: int
     worker_pid: int
+
+
+@dataclass(frozen=True)
+class TraceArgs(Message):
+    """``trace``: the files opened so far in the traced mount at ``mountpoint`` (``mount`` with ``trace``)."""
+
+    mountpoint: str = _f(**_PATH)
 
 
 @dataclass(frozen=True)
@@ -398,6 +426,13 @@ class MountInfo(Message):
     cache_misses: int = 0
     fetch_errors: int = 0
     error: str | None = None
+    profile: str | None = None  # manifest digest of the prefetch profile used, if any
+    profile_source: str | None = None  # "local" or "registry"
+    profile_files: int = 0  # profiled files of this layer
+    profile_bytes: int = 0  # compressed bytes of the profile's chunks this mount's prefetch fetched
+    layer_state: str = _f("lazy", choices=("lazy", "fetching", "promoting", "local"))
+    """``lazy``, ``fetching`` (prefetch or background fetch running), ``promoting`` or ``local``
+    (the snapshotter's ``layer_state`` reports; a local layer stays mounted until released)."""
 
 
 @dataclass(frozen=True)
@@ -470,6 +505,8 @@ class StatusResult(Message):
     totals: Totals
     fallbacks: list[FallbackInfo] = _f([])
     llfuse_version: str | None = _f(None, max_len=MAX_TEXT)
+    local_layers: list[LayerStateInfo] = _f([])
+    """Layers the snapshotter reports ``promoting`` or ``local`` that lazyd no longer mounts."""
 
 
 @dataclass(frozen=True)
@@ -587,6 +624,123 @@ class PullProgressResult(Message):
     bytes: int
 
 
+# -- promotion (snapshotter <-> fetcher) -----------------------------------------
+
+PROMOTE_MODES = ("off", "after_fetch", "manual")
+REPORTED_LAYER_STATES = ("lazy", "promoting", "local")
+MAX_LAYER_REPORTS = 4096
+
+
+@dataclass(frozen=True)
+class PromoteArgs(Message):
+    """``promote``: promote the mounted layers of image ``ref``, or layer ``layer_digest`` (exactly one)."""
+
+    ref: str | None = _f(None, max_len=MAX_REF)
+    layer_digest: str | None = _f(None, **_DIGEST)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.ref is None) == (self.layer_digest is None):
+            raise ApiError(INVALID_REQUEST, "promote: give exactly one of ref and layer_digest")
+
+
+@dataclass(frozen=True)
+class PromoteResult(Message):
+    """The layers marked for promotion (their remaining chunks are being fetched now), and
+    those the snapshotter already reports ``local``; ``mode`` is the snapshotter's setting."""
+
+    layers: list[str] = _f([])
+    local: list[str] = _f([])
+    mode: str = _f("after_fetch", choices=PROMOTE_MODES)
+
+
+@dataclass(frozen=True)
+class LayerReport(Message):
+    """One layer in ``layer_state``: ``lazy`` (a remote snapshot not yet promoted), ``promoting``
+    or ``local`` (``disk_bytes``: the promoted directory's disk use)."""
+
+    layer_digest: str = _f(**_DIGEST)
+    state: str = _f(choices=REPORTED_LAYER_STATES)
+    disk_bytes: int = _f(0, min=0)
+
+
+@dataclass(frozen=True)
+class LayerStateArgs(Message):
+    """``layer_state``: the snapshotter's promotion setting and the state of its remote layers,
+    sent every ``promote_interval`` (so a restarted lazyd learns them again)."""
+
+    mode: str = _f(choices=PROMOTE_MODES)
+    layers: list[LayerReport] = _f([], max_items=MAX_LAYER_REPORTS)
+
+
+@dataclass(frozen=True)
+class LayerPromotion(Message):
+    """Per reported ``lazy`` layer: ``complete`` (every chunk is in the store, verified) and
+    ``requested`` (``promote`` asked for it)."""
+
+    layer_digest: str = _f(**_DIGEST)
+    complete: bool = False
+    requested: bool = False
+
+
+@dataclass(frozen=True)
+class LayerStateResult(Message):
+    layers: list[LayerPromotion] = _f([], max_items=MAX_LAYER_REPORTS)
+
+
+@dataclass(frozen=True)
+class LayerStateInfo(Message):
+    """A layer in ``status.local_layers``."""
+
+    layer_digest: str = _f(**_DIGEST)
+    state: str = _f(choices=REPORTED_LAYER_STATES)
+    disk_bytes: int = 0
+    reported_at: float = 0.0
+
+
+MAX_PROFILE = 4 * 1024 * 1024  # a profile's JSON lines (lazyd.profile.store.MAX_PROFILE_BYTES)
+
+
+@dataclass(frozen=True)
+class ProfilePutArgs(Message):
+    """``profile_put``: store ``records`` (JSON lines) as the prefetch profile of image manifest
+    ``manifest_digest``, replacing any older one."""
+
+    manifest_digest: str = _f(**_DIGEST)
+    records: bytes = _f(max_len=MAX_PROFILE)
+
+
+@dataclass(frozen=True)
+class ProfileDigestArgs(Message):
+    """``profile_get`` / ``profile_delete``: the profile of image manifest ``manifest_digest``."""
+
+    manifest_digest: str = _f(**_DIGEST)
+
+
+@dataclass(frozen=True)
+class ProfileSummary(Message):
+    """A stored profile: its size, number of records and of layers, and when it was stored."""
+
+    manifest_digest: str
+    size: int
+    records: int
+    layers: int
+    stored_at: float
+
+
+@dataclass(frozen=True)
+class ProfileData(Message):
+    """``profile_get``: a stored profile's records (JSON lines)."""
+
+    manifest_digest: str
+    records: bytes = _f(max_len=MAX_PROFILE)
+
+
+@dataclass(frozen=True)
+class ProfileListResult(Message):
+    profiles: list[ProfileSummary] = _f([])
+
+
 OPS: dict[str, tuple[type[Message], type[Message]]] = {
     "fetch": (FetchArgs, Empty),
     "mount": (MountArgs, MountResult),
@@ -600,6 +754,13 @@ OPS: dict[str, tuple[type[Message], type[Message]]] = {
     "pull": (PullArgs, PullResult),
     "pull_progress": (PullProgressArgs, PullProgressResult),
     "shutdown": (Empty, Empty),
+    "promote": (PromoteArgs, PromoteResult),
+    "layer_state": (LayerStateArgs, LayerStateResult),
+    "trace": (TraceArgs, TraceResult),
+    "profile_put": (ProfilePutArgs, ProfileSummary),
+    "profile_get": (ProfileDigestArgs, ProfileData),
+    "profile_list": (Empty, ProfileListResult),
+    "profile_delete": (ProfileDigestArgs, Empty),
 }
 """Main-socket ops: name -> (args class, result class)."""
 
@@ -608,6 +769,7 @@ WORKER_OPS: dict[str, tuple[type[Message], type[Message]]] = {
     "worker.unmount": (WorkerUnmountArgs, Empty),
     "worker.status": (Empty, WorkerStatusResult),
     "worker.shutdown": (Empty, Empty),
+    "worker.trace": (WorkerTraceArgs, TraceResult),
 }
 """Worker control-socket ops: name -> (args class, result class)."""
 

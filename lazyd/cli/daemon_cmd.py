@@ -78,6 +78,13 @@ def _pct(part: int, whole: int) -> str:
     return f"{100.0 * part / whole:.1f}%" if whole else "-"
 
 
+def _profile_cell(m: Any) -> str:
+    """The PROFILE column: where the mount's prefetch profile came from, its manifest, bytes prefetched."""
+    if not m.profile:
+        return "-"
+    return f"{m.profile_source}:{m.profile[7:19]} {m.profile_files}f {human_bytes(m.profile_bytes)}"
+
+
 def _print_status(st: StatusResult) -> None:
     from lazyd.cli.version import describe_llfuse
 
@@ -87,13 +94,17 @@ def _print_status(st: StatusResult) -> None:
     rows = []
     for m in st.mounts:
         ly = m.layer
-        rows.append([m.mountpoint, m.state, m.layer_digest[:19], human_bytes(ly.layer_size),
+        rows.append([m.mountpoint, m.layer_state, m.state, m.layer_digest[:19], human_bytes(ly.layer_size),
                      human_bytes(ly.fetched_bytes), _pct(ly.fetched_bytes, ly.layer_size),
                      human_bytes(ly.demand_bytes), human_bytes(ly.prefetch_bytes), human_bytes(ly.background_bytes),
                      m.cache_hits, m.cache_misses, ly.in_flight, ly.registry_requests, m.worker_pid,
-                     m.error or ""])
-    print_table(["MOUNTPOINT", "STATE", "LAYER", "SIZE", "FETCHED", "PCT", "DEMAND", "PREFETCH", "BACKGROUND",
-                 "HITS", "MISSES", "INFLIGHT", "REQUESTS", "PID", "ERROR"], rows)
+                     _profile_cell(m), m.error or ""])
+    headers = ["MOUNTPOINT", "STATE", "MOUNT", "LAYER", "SIZE", "FETCHED", "PCT", "DEMAND", "PREFETCH", "BACKGROUND",
+               "HITS", "MISSES", "INFLIGHT", "REQUESTS", "PID", "PROFILE", "ERROR"]
+    for local in st.local_layers:  # promoted layers lazyd no longer mounts (SIZE: their disk use)
+        row = ["-", local.state, "-", local.layer_digest[:19], human_bytes(local.disk_bytes)]
+        rows.append(row + ["-"] * (len(headers) - len(row) - 1) + [""])
+    print_table(headers, rows)
     print()
     print_table(["WORKER", "PID", "STATE", "MOUNTS", "RESTARTS", "LLFUSE", "NO_OPEN"],
                 [[w.worker_id, w.pid, w.state, w.mounts, w.restarts, w.llfuse_version or "-",

@@ -15,6 +15,8 @@ _COMMAND_MODULES = (
     "lazyd.cli.image_cmd",     # lazyctl image convert
     "lazyd.cli.daemon_cmd",    # lazyctl status|mount|umount|check|cache|shutdown
     "lazyd.cli.rpull_cmd",     # lazyctl rpull
+    "lazyd.cli.profile_cmd",   # lazyctl profile record|push|pull|import|list|show|delete
+    "lazyd.cli.promote_cmd",   # lazyctl promote
 )
 
 

@@ -68,8 +68,9 @@ def run(args: argparse.Namespace) -> int:
         except SocketError as exc:
             print(f"lazyd snapshotter: {exc}", file=sys.stderr)
             return 1
-        log.info("serving containerd snapshots on %s (root %s, lazyd at %s)", config.address, config.root,
-                 config.lazyd_socket)
+        log.info("serving containerd snapshots on %s (root %s, lazyd at %s, promote %s)", config.address,
+                 config.root, config.lazyd_socket, config.promote)
+        snapshotter.start_promotion()
         try:
             notify.snapshotter_ready(config.address)  # READY=1 under systemd, once the socket answers
         except notify.ReadinessError as exc:

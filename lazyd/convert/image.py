@@ -1,7 +1,8 @@
 """Whole-image conversion to eStargz: pull each layer, convert, push blobs, config and manifest(s).
 
 Layers are downloaded concurrently and converted in worker processes (one per CPU,
-spawned rather than forked from the event loop), so a multi-layer image converts in parallel.  Layers that already are eStargz are kept.
+spawned rather than forked from the event loop), so a multi-layer image converts in parallel.  Layers that already are eStargz are kept,
+unless ``rebuild`` (``lazyctl image optimize``: every layer gets its own priority list, ``layer_prioritized``).
 The result is an ordinary OCI image (gzip layers) that any runtime can pull.
 """
 
@@ -48,6 +49,10 @@ class ConvertOptions:
     workers: int = 0                     # layers converted at once, each in its own process (0: one per CPU)
     threads: int | None = None           # compression threads per layer (None: one per CPU)
     work_dir: str | None = None          # where layers are staged (None: the system temp dir)
+    # Per layer index: files to put first in that layer (``optimize``); a layer without an entry
+    # gets ``.no.prefetch.landmark``.  Replaces ``prioritized``; single-platform images only.
+    layer_prioritized: dict[int, list[str]] | None = None
+    rebuild: bool = False                # rebuild layers that already are eStargz too
 
 
 @dataclass
@@ -58,6 +63,9 @@ class LayerResult:
     toc_digest: str | None
     uncompressed_size: int | None
     action: str                          # "converted" or "kept"
+    prioritized: int = 0                 # files placed before the landmark (as asked; ``missing`` were absent)
+    landmark: str | None = None          # "prefetch" or "no-prefetch" for a built layer, None when kept
+    missing: list[str] = field(default_factory=list)  # prioritized paths this layer does not have
 
 
 @dataclass
@@ -91,7 +99,7 @@ class _Converter:
                  pool: ProcessPoolExecutor, work: Path, progress: ProgressFn | None) -> None:
         self.client, self.src, self.dst, self.options = client, src, dst, options
         self.pool, self.work, self.progress = pool, work, progress
-        self._layer_tasks: dict[str, asyncio.Task[tuple[Descriptor, str, LayerResult]]] = {}
+        self._layer_tasks: dict[tuple[str, int], asyncio.Task[tuple[Descriptor, str, LayerResult]]] = {}
         self.missing: list[set[str]] = []  # prioritized paths absent from each converted layer
 
     async def manifest(self, image: Image, tagged: bool) -> ManifestResult:
@@ -99,7 +107,7 @@ class _Converter:
         diff_ids = image.config.get("rootfs", {}).get("diff_ids")
         if not isinstance(diff_ids, list) or len(diff_ids) != len(image.layers):
             raise ConvertError(f"config of {image.ref} has {len(diff_ids or [])} diff_ids for {len(image.layers)} layers")
-        tasks = [self._layer(desc, diff_id) for desc, diff_id in zip(image.layers, diff_ids)]
+        tasks = [self._layer(desc, diff_id, i) for i, (desc, diff_id) in enumerate(zip(image.layers, diff_ids))]
         done = await asyncio.gather(*tasks)
         config = dict(image.config)
         config["rootfs"] = {**config["rootfs"], "diff_ids": [d for _, d, _ in done]}
@@ -119,18 +127,26 @@ class _Converter:
         digest = await self.client.put_manifest(target, body, MEDIA_OCI_MANIFEST)
         return ManifestResult(image.platform, image.manifest_digest, digest, len(body), [r for _, _, r in done])
 
-    def _layer(self, desc: Descriptor, diff_id: str) -> "asyncio.Task[tuple[Descriptor, str, LayerResult]]":
-        # The same layer in several platforms (or twice in one image) is converted once.
-        if desc.digest not in self._layer_tasks:
-            self._layer_tasks[desc.digest] = asyncio.ensure_future(self._convert_layer(desc, diff_id))
-        return self._layer_tasks[desc.digest]
+    def _layer(self, desc: Descriptor, diff_id: str, index: int) -> "asyncio.Task[tuple[Descriptor, str, LayerResult]]":
+        # The same layer in several platforms (or twice in one image) is converted once; with
+        # per-layer priority lists, once per position (each position has its own list).
+        key = (desc.digest, index if self.options.layer_prioritized is not None else -1)
+        if key not in self._layer_tasks:
+            self._layer_tasks[key] = asyncio.ensure_future(self._convert_layer(desc, diff_id, key[1]))
+        return self._layer_tasks[key]
 
-    async def _convert_layer(self, desc: Descriptor, diff_id: str) -> tuple[Descriptor, str, LayerResult]:
+    def _prioritized(self, index: int) -> list[str] | None:
+        if self.options.layer_prioritized is not None:
+            return list(self.options.layer_prioritized.get(index, []))
+        return self.options.prioritized
+
+    async def _convert_layer(self, desc: Descriptor, diff_id: str, index: int) -> tuple[Descriptor, str, LayerResult]:
         if desc.urls:
             raise ConvertError(f"layer {desc.digest} of {self.src} is a foreign layer (urls); not supported")
         if desc.media_type not in _CONVERTIBLE:
             raise ConvertError(f"layer {desc.digest} of {self.src} has unsupported media type {desc.media_type}")
-        if desc.media_type in GZIP_LAYER_TYPES and await is_estargz(self.client, self.src, desc):
+        if (not self.options.rebuild and desc.media_type in GZIP_LAYER_TYPES
+                and await is_estargz(self.client, self.src, desc)):
             await self._copy_blob(desc)
             kept = Descriptor(MEDIA_OCI_LAYER_GZIP, desc.digest, desc.size, dict(desc.annotations))
             if self.progress:
@@ -138,12 +154,14 @@ class _Converter:
             return kept, diff_id, LayerResult(desc.digest, desc.digest, desc.size, desc.toc_digest,
                                               _int(desc.annotations.get(ANNOTATION_UNCOMPRESSED_SIZE)),
                                               "kept")
-        src_path = self.work / f"{desc.digest.replace(':', '-')}.src"
-        dst_path = self.work / f"{desc.digest.replace(':', '-')}.estargz"
+        stem = desc.digest.replace(':', '-') + (f"-{index}" if index >= 0 else "")
+        src_path = self.work / f"{stem}.src"
+        dst_path = self.work / f"{stem}.estargz"
         await self.client.fetch_blob(self.src, desc.digest, src_path, progress=self.progress, size=desc.size)
         loop = asyncio.get_running_loop()
+        prioritized = self._prioritized(index)
         built: LayerBuild = await loop.run_in_executor(self.pool, build_layer, str(src_path), str(dst_path),
-                                                       self.options.chunk_size, self.options.prioritized,
+                                                       self.options.chunk_size, prioritized,
                                                        self.options.threads)
         self.missing.append(set(built.missing_prioritized))
         src_path.unlink(missing_ok=True)
@@ -152,7 +170,9 @@ class _Converter:
         new = converted_descriptor(desc, built, MEDIA_OCI_LAYER_GZIP)
         log.debug("layer %s -> %s (toc %s)", desc.digest, built.blob_digest, built.toc_digest)
         return new, built.diff_id, LayerResult(desc.digest, built.blob_digest, built.blob_size, built.toc_digest,
-                                               built.uncompressed_size, "converted")
+                                               built.uncompressed_size, "converted", len(prioritized or []),
+                                               "prefetch" if prioritized else "no-prefetch",
+                                               list(built.missing_prioritized))
 
     async def _copy_blob(self, desc: Descriptor) -> None:
         if await self.client.blob_exists(self.dst, desc.digest):
@@ -178,6 +198,8 @@ async def convert_image(client: RegistryClient, src: Reference, dst: Reference, 
     started = time.monotonic()
     if dst.tag is None:
         raise ConvertError(f"destination {dst} needs a tag")
+    if options.layer_prioritized is not None and options.all_platforms:
+        raise ConvertError("per-layer priority lists apply to one platform's image, not to --all-platforms")
     body, media_type, digest = await client.get_manifest(src)
     images: list[tuple[Image, dict[str, Any] | None]] = []
     if media_type in INDEX_TYPES:
@@ -212,7 +234,8 @@ async def convert_image(client: RegistryClient, src: Reference, dst: Reference, 
         conv = _Converter(client, src, dst, options, pool, Path(tmp), progress)
         as_index = media_type in INDEX_TYPES and options.all_platforms
         results = await asyncio.gather(*(conv.manifest(image, tagged=not as_index) for image, _ in images))
-    missing = sorted(set.intersection(*conv.missing)) if conv.missing and options.prioritized else []
+    missing = (sorted(set.intersection(*conv.missing))
+               if conv.missing and options.prioritized and options.layer_prioritized is None else [])
     if as_index:
         entries = []
         for (image, platform), res in zip(images, results):

@@ -34,12 +34,19 @@ from lazyd.api.messages import (
     FallbackArgs,
     FallbackInfo,
     FetchArgs,
+    LayerPromotion,
+    LayerStateArgs,
+    LayerStateInfo,
+    LayerStateResult,
     LayerStats,
     Message,
     MountArgs,
     MountInfo,
     MountResult,
     MountsResult,
+    MAX_LAYER_REPORTS,
+    PromoteArgs,
+    PromoteResult,
     PullArgs,
     PullProgressArgs,
     PullProgressResult,
@@ -48,6 +55,8 @@ from lazyd.api.messages import (
     ResolveResult,
     StatusResult,
     Totals,
+    TraceArgs,
+    TraceResult,
     UnmountArgs,
     WorkerInfo,
     WorkerMountArgs,
@@ -77,6 +86,10 @@ from lazyd.metrics import (
     render,
 )
 from lazyd.registry import InvalidReferenceError, Reference, RegistryClient, RegistryError
+from lazyd.api.messages import ProfileData, ProfileDigestArgs, ProfileListResult, ProfilePutArgs, ProfileSummary
+from lazyd.fetcher.layers import ProfilePlan, profile_plan
+from lazyd.fetcher.profiles import ProfileFinder, ProfileUse
+from lazyd.profile.store import ProfileStore, ProfileStoreError
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +121,10 @@ class MountRecord:
     mountpoint: str
     worker_id: int
     state: str = field(default="mounting", compare=False)
+    profile: str | None = None  # manifest digest of the prefetch profile used (docs/profiles.md)
+    profile_source: str | None = None
+    profile_files: int = 0
+    profile_bytes: int = 0
     error: str | None = field(default=None, compare=False)
 
     def persisted(self) -> dict[str, object]:
@@ -129,6 +146,7 @@ class Daemon:
         self.fallback_count = 0
         self._tasks: dict[str, asyncio.Task[None]] = {}  # per-layer prefetch/background task
         self._prefetch: dict[str, asyncio.Task[None]] = {}
+        self._profile_tasks: set[asyncio.Task[None]] = set()  # profile prefetches of a layer already prefetched
         self._stop = asyncio.Event()
         self._clean = False
         self._mount_lock = asyncio.Lock()
@@ -139,6 +157,12 @@ class Daemon:
         self.metrics = Metrics()
         self._metrics_server: MetricsServer | None = None
         self._evictions_logged = 0  # store evictions already reported in the log
+        # Promotion (docs/design.md "Promotion"): what the snapshotter reports with ``layer_state``.
+        self._promote_mode: str | None = None  # its ``promote`` setting; None until it reports
+        self._layer_states: dict[str, LayerStateInfo] = {}  # digest -> promoting/local, oldest first
+        self._promote_requested: dict[str, float] = {}  # digest -> when ``promote`` asked for it
+        self._promote_wakeup = asyncio.Event()  # set (and replaced) by each ``promote``
+        self._complete: dict[str, tuple[int, bool]] = {}  # digest -> (fetched_bytes, wholly cached) when checked
         self.store: ChunkStore
         self.registry: RegistryClient
         self.layers: LayerTable
@@ -156,6 +180,9 @@ class Daemon:
         self.store = ChunkStore(self.root / "cache", cfg.cache_size)
         self.registry = RegistryClient(cfg.registry, RegistryMetrics(self.metrics))
         self.layers = LayerTable(self.root, self.registry, self.metrics)
+        self.profiles = ProfileStore(self.root / "profiles")
+        self.profile_finder = ProfileFinder(cfg.profiles, self.profiles, self.registry, self.layers,
+                                            cfg.profile_timeout)
         self.scheduler = Scheduler(self.registry, self.store, cfg.max_concurrent_requests, cfg.max_range_size,
                                    window_min=cfg.demand_window_min, window_max=cfg.demand_window_max,
                                    background_share=cfg.background_share, quiet=cfg.background_delay,
@@ -240,9 +267,10 @@ class Daemon:
     async def _close(self) -> None:
         if self._metrics_server is not None:
             await self._metrics_server.close()
-        for task in list(self._tasks.values()) + list(self._prefetch.values()):
+        for task in list(self._tasks.values()) + list(self._prefetch.values()) + list(self._profile_tasks):
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), *self._prefetch.values(), return_exceptions=True)
+        await asyncio.gather(*self._tasks.values(), *self._prefetch.values(), *self._profile_tasks,
+                             return_exceptions=True)
         self.layers.save_counters()
         if self._clean:
             await self._unmount_everything()
@@ -391,9 +419,9 @@ class Daemon:
 
     async def _retire_idle_workers(self) -> None:
         """Stop the draining workers (ids beyond ``workers``) that serve no mount any more."""
-        busy = {m.worker_id for m in self.mounts.values()}
         for handle in list(self.supervisor.workers.values()):
-            if handle.draining and handle.worker_id not in busy:
+            # Checked per worker: a mount may arrive while an earlier one is being stopped.
+            if handle.draining and not any(m.worker_id == handle.worker_id for m in self.mounts.values()):
                 await self.supervisor.retire(handle)
 
     def _pick_worker(self) -> WorkerHandle:
@@ -422,6 +450,13 @@ class Daemon:
             "pull": (PullArgs, self.op_pull),
             "pull_progress": (PullProgressArgs, self.op_pull_progress),
             "shutdown": (Empty, self._after_restore(self.op_shutdown)),
+            "promote": (PromoteArgs, self._after_restore(self.op_promote)),
+            "layer_state": (LayerStateArgs, self._after_restore(self.op_layer_state)),
+            "trace": (TraceArgs, self._after_restore(self.op_trace)),
+            "profile_put": (ProfilePutArgs, self.op_profile_put),
+            "profile_get": (ProfileDigestArgs, self.op_profile_get),
+            "profile_list": (Empty, self.op_profile_list),
+            "profile_delete": (ProfileDigestArgs, self.op_profile_delete),
         }
 
     def _after_restore(self, handler: Handler) -> Handler:
@@ -466,7 +501,13 @@ class Daemon:
         try:
             layer = await self.layers.open(ref, args.layer_digest, args.toc_digest, self.config.mount_timeout)
             opened = time.monotonic()
-            handle = self._pick_worker()
+            if args.trace:
+                try:
+                    handle = await self.supervisor.tracer()
+                except WorkerError as exc:
+                    raise ApiError(UNAVAILABLE, f"cannot start the tracing worker: {exc}") from None
+            else:
+                handle = self._pick_worker()
             record = MountRecord(uuid.uuid4().hex[:16], str(ref), layer.digest, layer.meta.toc_digest, mountpoint,
                                  handle.worker_id)
             self.mounts[record.mount_id] = record
@@ -491,7 +532,8 @@ class Daemon:
         finally:
             self._claimed.discard(mountpoint)
         wait = self.config.prefetch_wait if args.prefetch_wait is None else args.prefetch_wait
-        prefetch = self._start_background(layer.digest)
+        plan = None if args.trace or not self.config.prefetch else await self._profile_plan(ref, layer, record)
+        prefetch = self._start_background(layer.digest, plan, record)
         if prefetch is not None and wait:
             try:
                 await asyncio.wait_for(asyncio.shield(prefetch), self.config.prefetch_timeout)
@@ -504,23 +546,42 @@ class Daemon:
                 # the prefetch was cancelled (its mount went away): the mount call itself succeeded
         return MountResult(record.mount_id, layer.meta.toc_digest, layer.meta.blob_size, handle.pid)
 
-    def _start_background(self, digest: str) -> asyncio.Task[None] | None:
-        """Start the layer's prefetch (and then background fetch) once; returns the prefetch task."""
+    def _start_background(self, digest: str, plan: ProfilePlan | None = None,
+                          record: MountRecord | None = None) -> asyncio.Task[None] | None:
+        """Start the layer's prefetch (and then background fetch) once; returns the prefetch task.
+
+        ``plan``: a profile's members, fetched with the landmark prefetch; when that has already
+        started for another mount, they get a prefetch of their own, which is returned."""
         layer = self.layers.get(digest)
         if layer is None:
             return None
+        if plan is not None and digest in self._prefetch and self.config.prefetch:
+            task = asyncio.create_task(self._run_prefetch(layer, plan, record, landmark=False))
+            self._profile_tasks.add(task)
+            task.add_done_callback(self._profile_tasks.discard)
+            if digest not in self._tasks and self.config.background_fetch:
+                self._tasks[digest] = asyncio.create_task(self._run_background(layer))
+            return task
         if digest not in self._prefetch and self.config.prefetch:
-            self._prefetch[digest] = asyncio.create_task(self._run_prefetch(layer))
+            self._prefetch[digest] = asyncio.create_task(self._run_prefetch(layer, plan, record))
         if digest not in self._tasks and self.config.background_fetch:
             self._tasks[digest] = asyncio.create_task(self._run_background(layer))
         return self._prefetch.get(digest)
 
-    async def _run_prefetch(self, layer: Layer) -> None:
-        end = layer.prefetch_end
-        if not end:
+    async def _run_prefetch(self, layer: Layer, plan: ProfilePlan | None = None, record: MountRecord | None = None,
+                            landmark: bool = True) -> None:
+        end = layer.prefetch_end if landmark else None
+        if not end and plan is None:
             layer.counters.prefetch_state = "none"
             return
-        members = layer.members.before(end)
+        members: list[Member] = layer.members.before(end) if end else []
+        profiled: list[Member] = []
+        if plan is not None:
+            # One fetch for both: the scheduler merges adjacent members and sends the rest as
+            # one multi-range request; what the landmark region holds is not asked twice.
+            profiled = await self.scheduler.in_store_thread(self.scheduler.missing, layer, plan.members)
+            have = {m.blob_offset for m in members}
+            members = members + [m for m in plan.members if m.blob_offset not in have]
         layer.counters.prefetch_state = "running"
         started, before = time.monotonic(), layer.counters.prefetch_bytes
         try:
@@ -532,6 +593,8 @@ class Daemon:
                         extra={"event": "prefetch", "layer": layer.digest, "ok": False})
             return
         layer.counters.prefetch_state = "done"
+        if record is not None and plan is not None:
+            record.profile_bytes += sum(m.size for m in profiled)
         took, fetched = time.monotonic() - started, layer.counters.prefetch_bytes - before
         self.metrics.observe_ms(PREFETCH_DOWNLOAD, layer.digest, took)
         log.info("prefetch of layer %s done: %d bytes fetched in %.3fs", layer.digest, fetched, took,
@@ -559,7 +622,8 @@ class Daemon:
             size = batch[-1].blob_end - batch[0].blob_offset
             if size < self.config.background_batch_size and i + 1 < len(missing):
                 continue
-            await self.scheduler.wait_quiet(self.config.background_delay)
+            if layer.digest not in self._promote_requested:
+                await self._quiet_unless_promoted(layer.digest)
             asked, had = time.monotonic(), counters.background_bytes
             try:
                 await self.scheduler.fetch(layer, batch, "background")
@@ -596,6 +660,16 @@ class Daemon:
                         "mountpoint": record.mountpoint})
         if handle is not None and handle.draining:
             await self._retire_idle_workers()
+
+    async def op_trace(self, args: TraceArgs) -> TraceResult:
+        """The files opened so far in a traced mount (``mount`` with ``trace``), from the tracing worker."""
+        record = self._find(args.mountpoint)
+        handle = self.supervisor.workers.get(record.worker_id)
+        if handle is None or not handle.tracing:
+            raise ApiError(INVALID_REQUEST, f"the mount at {record.mountpoint} is not traced "
+                                            "(mount it with trace, and its tracing worker must still run)")
+        result: TraceResult = await handle.call("worker.trace", {"mount_id": record.mount_id})  # type: ignore[assignment]
+        return result
 
     def _find(self, mountpoint: str) -> MountRecord:
         mp = os.path.normpath(mountpoint)
@@ -708,7 +782,10 @@ class Daemon:
                 layer=await self.scheduler.in_store_thread(self._layer_stats, layer),
                 reads=w.reads if w else 0, bytes_read=w.bytes_read if w else 0,
                 cache_hits=w.cache_hits if w else 0, cache_misses=w.cache_misses if w else 0,
-                fetch_errors=w.fetch_errors if w else 0, error=error))
+                fetch_errors=w.fetch_errors if w else 0, error=error,
+                profile=record.profile, profile_source=record.profile_source,
+                profile_files=record.profile_files, profile_bytes=record.profile_bytes,
+                layer_state=self._layer_state(record.layer_digest, layer)))
         return infos
 
     async def op_mounts(self, _args: Empty) -> MountsResult:
@@ -720,7 +797,7 @@ class Daemon:
         workers = []
         for h in sorted(self.supervisor.workers.values(), key=lambda h: h.worker_id):
             ws = statuses.get(h.worker_id)
-            state = "draining" if h.draining and h.state == "ready" else h.state
+            state = ("tracing" if h.tracing else "draining") if h.draining and h.state == "ready" else h.state
             workers.append(WorkerInfo(worker_id=h.worker_id, pid=h.pid, state=state,
                                       mounts=sum(1 for m in self.mounts.values() if m.worker_id == h.worker_id),
                                       restarts=h.restarts, llfuse_version=ws.llfuse_version if ws else None,
@@ -739,7 +816,9 @@ class Daemon:
         return StatusResult(pid=os.getpid(), version=VERSION, root=str(self.root), socket=self.config.socket,
                             started_at=self.started_at, mounts=mounts, workers=workers,
                             cache=await self._cache_stats(), totals=totals, fallbacks=list(self.fallbacks),
-                            llfuse_version=", ".join(builds) or None)
+                            llfuse_version=", ".join(builds) or None,
+                            local_layers=[s for d, s in self._layer_states.items()
+                                          if not any(m.layer_digest == d for m in self.mounts.values())])
 
     async def _cache_stats(self, evicted: int | None = None) -> CacheStats:
         s = await asyncio.to_thread(self.store.stats)
@@ -781,6 +860,7 @@ class Daemon:
                         extra={"event": "registry_error", "ref": str(ref), "code": error.code})
             raise error from None
         self.layers.remember(image)
+        self.profile_finder.warm(image)
         return ResolveResult(ref=str(image.ref), manifest_digest=image.manifest_digest,
                              manifest_media_type=image.manifest_media_type, manifest=image.manifest_bytes,
                              config=image.config_bytes, index_digest=image.index_digest,
@@ -795,7 +875,11 @@ class Daemon:
             def manifest_in(ref: Reference, layers: Any) -> None:
                 self.layers.warm(ref, layers, self.config.mount_timeout)
 
-            self._pulls = PullService(self.registry, self.config.registry, self.layers.remember,
+            def remember(image: Any) -> None:
+                self.layers.remember(image)
+                self.profile_finder.warm(image)  # the registry lookup overlaps the pull, not the mounts
+
+            self._pulls = PullService(self.registry, self.config.registry, remember,
                                       self._last_fallback_reason, manifest_in)
         return self._pulls
 
@@ -814,9 +898,182 @@ class Daemon:
         result: PullProgressResult = service.progress(args)
         return result
 
+    # -- promotion (the snapshotter promotes; lazyd fetches and reports) -----------------
+
+    def _layer_state(self, digest: str, layer: Layer | None) -> str:
+        """A mounted layer's state for ``status``: promoting/local (reported), fetching or lazy."""
+        reported = self._layer_states.get(digest)
+        if reported is not None:
+            return reported.state
+        if layer is not None and "running" in (layer.counters.prefetch_state, layer.counters.background_state):
+            return "fetching"
+        return "lazy"
+
+    async def _quiet_unless_promoted(self, digest: str) -> None:
+        """Background fetch's wait for a quiet spell, cut short when ``promote`` asks for the layer."""
+        while digest not in self._promote_requested:
+            quiet = asyncio.ensure_future(self.scheduler.wait_quiet(self.config.background_delay))
+            woken = asyncio.ensure_future(self._promote_wakeup.wait())
+            try:
+                done, _ = await asyncio.wait({quiet, woken}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                quiet.cancel()
+                woken.cancel()
+            if quiet in done:
+                return
+
+    async def _layer_complete(self, digest: str) -> bool:
+        """Every chunk of the layer is in the store (verified); checked once the background
+        fetch is done, and again only when the layer's fetched bytes changed."""
+        layer = await self.layers.load(digest)
+        if layer is None or layer.counters.background_state != "done":
+            return False
+        fetched = layer.counters.fetched_bytes
+        known = self._complete.get(digest)
+        if known is not None and known[0] == fetched:
+            return known[1]
+        missing = await self.scheduler.in_store_thread(self.scheduler.missing, layer, layer.members)
+        self._complete[digest] = (fetched, not missing)
+        while len(self._complete) > MAX_LAYER_REPORTS:
+            del self._complete[next(iter(self._complete))]
+        return not missing
+
+    async def op_layer_state(self, args: LayerStateArgs) -> LayerStateResult:
+        """The snapshotter's report; answers for each ``lazy`` layer whether it may be promoted."""
+        self._promote_mode = args.mode
+        out = []
+        for report in args.layers:
+            digest = report.layer_digest
+            if report.state == "lazy":
+                self._layer_states.pop(digest, None)
+                complete = args.mode != "off" and await self._layer_complete(digest)
+                out.append(LayerPromotion(digest, complete, digest in self._promote_requested))
+                continue
+            if report.state == "local":
+                self._promote_requested.pop(digest, None)
+                self._complete.pop(digest, None)
+            self._layer_states.pop(digest, None)  # re-insert: the dict stays oldest-report first
+            self._layer_states[digest] = LayerStateInfo(digest, report.state, report.disk_bytes, time.time())
+        while len(self._layer_states) > MAX_LAYER_REPORTS:
+            del self._layer_states[next(iter(self._layer_states))]
+        return LayerStateResult(out)
+
+    async def op_promote(self, args: PromoteArgs) -> PromoteResult:
+        """Mark the layers of ``ref`` (or one layer) for promotion and fetch what they miss now."""
+        if self._promote_mode is None:
+            raise ApiError(UNAVAILABLE, "no snapshotter has reported its promote setting to this lazyd yet "
+                                        "(is 'lazyd snapshotter' running with this lazyd socket?)")
+        if self._promote_mode == "off":
+            raise ApiError(INVALID_REQUEST, "promotion is off: the snapshotter runs with [snapshotter] "
+                                            "promote = \"off\" (set \"manual\" or \"after_fetch\")")
+        if args.ref is not None:
+            ref = _parse_ref(args.ref)
+            digests = list(dict.fromkeys(m.layer_digest for m in self.mounts.values() if _same_image(ref, m.ref)))
+            what = f"image {ref}"
+        else:
+            digests = [args.layer_digest] if args.layer_digest else []
+            what = f"layer {args.layer_digest}"
+        local = [d for d in digests if (s := self._layer_states.get(d)) is not None and s.state == "local"]
+        mounted = {m.layer_digest for m in self.mounts.values()}
+        wanted = [d for d in digests if d not in local and d in mounted]
+        if not wanted and not local:
+            raise ApiError(NOT_FOUND, f"no layer of {what} is mounted by lazyd")
+        for digest in wanted:
+            self._promote_requested[digest] = time.time()
+            while len(self._promote_requested) > MAX_LAYER_REPORTS:
+                del self._promote_requested[next(iter(self._promote_requested))]
+            task = self._tasks.get(digest)
+            if task is None or task.done():
+                layer = self.layers.get(digest)
+                if layer is not None:
+                    self._tasks[digest] = asyncio.create_task(self._run_background(layer))
+        self._promote_wakeup.set()
+        self._promote_wakeup = asyncio.Event()
+        log.info("promotion of %s requested: %d layer(s) to fetch and promote, %d already local", what,
+                 len(wanted), len(local), extra={"event": "promote", "layers": wanted, "local": local})
+        return PromoteResult(layers=wanted, local=local, mode=self._promote_mode)
+
+    # -- prefetch profiles (docs/profiles.md) -------------------------------------------
+
+    async def _profile_plan(self, ref: Reference, layer: Layer, record: MountRecord) -> ProfilePlan | None:
+        """The members a prefetch profile asks of ``layer`` (None: no profile, or none applies);
+        notes the profile on ``record``.  Never fails the mount: problems are logged."""
+        try:
+            use: ProfileUse | None = await self.profile_finder.find(ref, layer)
+            if use is None:
+                return None
+            plan = await asyncio.to_thread(profile_plan, layer, use.paths) if use.paths else None
+        except Exception as exc:  # noqa: BLE001 -- a profile must never break a mount
+            log.warning("prefetch profile for layer %s of %s not used: %s", layer.digest, ref, exc)
+            return None
+        record.profile, record.profile_source = use.manifest_digest, use.source
+        record.profile_files = plan.files if plan else 0
+        self._save_mount(record)
+        log.info("layer %s (index %d of %s): %s profile, %d file(s) in %d member(s), %d bytes (%d of them gap "
+                 "fill)%s%s", layer.digest, use.layer_index, use.manifest_digest, use.source,
+                 plan.files if plan else 0, len(plan.members) if plan else 0, plan.size if plan else 0,
+                 plan.gap_bytes if plan else 0,
+                 f"; {plan.skipped} path(s) not regular files of the layer" if plan and plan.skipped else "",
+                 f"; {use.foreign} record(s) for other manifests skipped" if use.foreign else "",
+                 extra={"event": "profile", "layer": layer.digest, "manifest": use.manifest_digest,
+                        "source": use.source, "files": plan.files if plan else 0,
+                        "bytes": plan.size if plan else 0, "foreign": use.foreign})
+        return plan if plan and plan.members else None
+
+    def _profile_summary(self, digest: str, data: bytes, records: list[Any]) -> ProfileSummary:
+        layers = {r.layer_index for r in records if r.manifest_digest in (None, digest)}
+        return ProfileSummary(digest, len(data), len(records), len(layers), time.time())
+
+    async def op_profile_put(self, args: ProfilePutArgs) -> ProfileSummary:
+        try:
+            records = await asyncio.to_thread(self.profiles.put, args.manifest_digest, args.records)
+        except ProfileStoreError as exc:
+            raise ApiError(INVALID_REQUEST, str(exc)) from None
+        self.profile_finder.forget(args.manifest_digest)
+        log.info("stored profile for %s (%d records)", args.manifest_digest, len(records),
+                 extra={"event": "profile_put", "manifest": args.manifest_digest})
+        return self._profile_summary(args.manifest_digest, args.records, records)
+
+    async def op_profile_get(self, args: ProfileDigestArgs) -> ProfileData:
+        try:
+            data = await asyncio.to_thread(self.profiles.get, args.manifest_digest)
+        except ProfileStoreError as exc:
+            raise ApiError(INVALID_REQUEST, str(exc)) from None
+        if data is None:
+            raise ApiError(NOT_FOUND, f"no profile for {args.manifest_digest} in {self.profiles.directory}")
+        return ProfileData(args.manifest_digest, data)
+
+    async def op_profile_list(self, _args: Empty) -> ProfileListResult:
+        infos = await asyncio.to_thread(self.profiles.summaries)
+        return ProfileListResult([ProfileSummary(i.manifest_digest, i.size, i.records, i.layers, i.mtime)
+                                  for i in infos])
+
+    async def op_profile_delete(self, args: ProfileDigestArgs) -> None:
+        try:
+            found = await asyncio.to_thread(self.profiles.delete, args.manifest_digest)
+        except ProfileStoreError as exc:
+            raise ApiError(INVALID_REQUEST, str(exc)) from None
+        self.profile_finder.forget(args.manifest_digest)
+        if not found:
+            raise ApiError(NOT_FOUND, f"no profile for {args.manifest_digest} in {self.profiles.directory}")
+
     async def op_shutdown(self, _args: Empty) -> None:
         self._clean = True
         asyncio.get_running_loop().call_later(0.05, self._stop.set)
+
+
+def _same_image(ref: Reference, mounted: str) -> bool:
+    """Whether a mount's ref (``name:tag@digest`` as pulled) is the image ``ref`` names (by tag,
+    digest or both)."""
+    try:
+        other = Reference.parse(mounted)
+    except (InvalidReferenceError, ValueError):
+        return False
+    if (ref.registry, ref.repository) != (other.registry, other.repository):
+        return False
+    if ref.digest is not None and ref.digest != other.digest:
+        return False
+    return ref.tag is None or ref.tag == other.tag or (ref.digest is not None and other.tag is None)
 
 
 def _lazy_unmount(mountpoint: str) -> None:

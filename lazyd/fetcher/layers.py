@@ -536,6 +536,20 @@ class LayerTable:
             while len(self._images) > RECENT_IMAGES:
                 self._images.popitem(last=False)
 
+    def image_of(self, ref: Reference, layer_digest: str) -> Image | None:
+        """The remembered image (``remember``) that ``ref`` names and that has layer ``layer_digest``:
+        the one ``ref``'s digest pins, else the most recently resolved one of its repository."""
+        if ref.digest:
+            image = self._images.get((ref.registry, ref.repository, ref.digest))
+            if image is not None and any(d.digest == layer_digest for d in image.layers):
+                return image
+        for (registry, repository, _), image in reversed(self._images.items()):
+            if (registry, repository) == (ref.registry, ref.repository) and (
+                    not ref.digest or ref.digest in (image.manifest_digest, image.index_digest)):
+                if any(d.digest == layer_digest for d in image.layers):
+                    return image
+        return None
+
     def warm(self, ref: Reference, layers: Sequence[Descriptor], timeout: float) -> None:
         """Start opening every eStargz layer in ``layers`` (of the manifest ``ref`` pins) in the background.
 
@@ -844,3 +858,81 @@ def atomic_write(path: Path, data: bytes, sync: bool = True) -> None:
             f.flush()
             os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+PROFILE_GAP = 32 * 1024
+"""Compressed bytes of unprofiled members between two profiled ones that a profile prefetch
+fetches along, to make one range of the two (a range costs a round trip in the request and,
+from a registry without multi-range GETs, a request of its own)."""
+
+
+@dataclass(frozen=True)
+class ProfilePlan:
+    """What a profile asks of one layer: the members holding its files' chunks (plus the small
+    gaps between them), in blob order."""
+
+    members: list[Member]
+    files: int  # profiled regular files found in the layer
+    skipped: int  # profiled paths that are not regular files of this layer (or are empty)
+    gap_bytes: int  # compressed bytes of unprofiled members fetched along to close gaps
+
+    @property
+    def size(self) -> int:
+        """Compressed bytes of the plan's members."""
+        return sum(m.size for m in self.members)
+
+
+def profile_plan(layer: Layer, paths: Sequence[str], gap: int = PROFILE_GAP) -> ProfilePlan:
+    """Map profiled ``paths`` (cleaned, of this layer) to the members holding their chunks.
+
+    Names are looked up in the chunk index first; the paths not found there (hardlinks, and
+    whatever is no regular file) are looked up in the TOC, parsed again from ``toc.json`` only
+    then: a hardlink maps to its target's chunks, anything else that is not a regular file is
+    skipped.  Members less than ``gap`` bytes apart are joined by fetching what lies between.
+    Blocking (reads the TOC): run it in a thread.
+    """
+    index = layer.index
+    wanted = set(paths)
+    numbers: set[int] = set()
+    found: set[str] = set()
+    names, offs = index.names, index.name_off
+    for n in range(len(offs) - 1):
+        name = names[offs[n] : offs[n + 1]].decode("utf-8", "surrogatepass")
+        if name in wanted:
+            numbers.add(n)
+            found.add(name)
+    positions: set[int] = set()
+    if numbers:
+        m_first = index.m_first
+        for j, n in enumerate(index.c_name):
+            if n in numbers:
+                positions.add(bisect.bisect_right(m_first, j) - 1)
+    files, skipped = len(found), 0
+    rest = [p for p in dict.fromkeys(paths) if p not in found]
+    if rest:
+        try:
+            toc = layer.read_toc()
+        except (OSError, EStargzError) as exc:
+            log.warning("layer %s: cannot read its TOC to place %d profiled path(s): %s", layer.digest, len(rest), exc)
+            toc = None
+        for path in rest:
+            entry = toc.lookup(path) if toc is not None else None
+            if entry is None or entry.type != "reg" or not entry.chunks:
+                skipped += 1
+                continue
+            files += 1
+            for c in entry.chunks:
+                i = index.find(c.blob_offset)
+                if i >= 0:
+                    positions.add(i)
+        del toc
+    ordered = sorted(positions)
+    gap_bytes = 0
+    filled: list[int] = []
+    for i in ordered:
+        if filled and i > filled[-1] + 1 and index.m_off[i] - index.m_end[filled[-1]] <= gap:
+            between = range(filled[-1] + 1, i)
+            gap_bytes += sum(index.m_end[k] - index.m_off[k] for k in between)
+            filled.extend(between)
+        filled.append(i)
+    return ProfilePlan([Member.at(index, i) for i in filled], files, skipped, gap_bytes)

@@ -8,6 +8,12 @@ under ``<root>/workers`` is adopted, also one whose id is not below the configur
 has, gets no new ones and is stopped once it has none.  Liveness
 is checked every ``health_interval`` (child exit status for our own children,
 ``/proc`` for adopted ones); a death is reported to ``on_death``.
+
+The tracing worker (id ``TRACE_WORKER_ID``, state in ``<root>/workers/trace``, started with
+``--trace``) serves only mounts asked for with ``trace``.  It is started on demand
+(``tracer``), is not one of the ``count`` workers, is never picked for other mounts (it is
+handled like a draining worker), is adopted after a fetcher restart like the others and is
+stopped (``retire``) once it serves no mount.
 """
 
 from __future__ import annotations
@@ -28,6 +34,9 @@ from lazyd.api.messages import UNAVAILABLE, ApiError, Empty, Message, WorkerStat
 
 log = logging.getLogger(__name__)
 
+TRACE_WORKER_ID = -1
+TRACE_DIR = "trace"
+
 
 @dataclass
 class WorkerHandle:
@@ -43,6 +52,11 @@ class WorkerHandle:
     adopted: bool = False
     draining: bool = False
     started_at: float = field(default_factory=time.time)
+
+    @property
+    def tracing(self) -> bool:
+        """The tracing worker (it drains: gets no ordinary mounts, stops when idle)."""
+        return self.worker_id == TRACE_WORKER_ID
 
     def alive(self) -> bool:
         if self.proc is not None:
@@ -92,8 +106,11 @@ class Supervisor:
         self.workers: dict[int, WorkerHandle] = {}
         self._monitor: asyncio.Task[None] | None = None
         self._restarting: set[int] = set()
+        self._tracer_lock = asyncio.Lock()
 
     def state_dir(self, worker_id: int) -> Path:
+        if worker_id == TRACE_WORKER_ID:
+            return self.root / "workers" / TRACE_DIR
         return self.root / "workers" / str(worker_id)
 
     def found_ids(self) -> set[int]:
@@ -115,14 +132,16 @@ class Supervisor:
             status = await self._adopt(worker_id)
             if status is not None:
                 adopted[worker_id] = status
-                if worker_id >= self.count:
+                if worker_id == TRACE_WORKER_ID:
+                    self.workers[worker_id].draining = True  # it stops once it serves no mount
+                elif worker_id >= self.count:
                     self.workers[worker_id].draining = True
                     log.info("worker %d is beyond workers = %d: it drains (%d mount(s)) and then stops",
                              worker_id, self.count, len(status.mounts))
-            elif worker_id < self.count:
+            elif 0 <= worker_id < self.count:
                 self.workers[worker_id] = await self.spawn(worker_id)
 
-        ids = set(range(self.count)) | self.found_ids()
+        ids = set(range(self.count)) | self.found_ids() | {TRACE_WORKER_ID}
         # Concurrently: a worker spends its start-up in its own process, so N start in about the time of one.
         results = await asyncio.gather(*(one(worker_id) for worker_id in sorted(ids)), return_exceptions=True)
         for result in results:
@@ -164,6 +183,8 @@ class Supervisor:
                 "--fetcher-socket", self.socket_path, "--cache-dir", str(self.cache_dir),
                 "--cache-size", str(self.cache_size), "--fetch-timeout", str(self.fetch_timeout),
                 "--log-level", self.log_level, "--log-format", self.log_format]
+        if worker_id == TRACE_WORKER_ID:
+            argv.append("--trace")
         fd = os.open(state_dir / "worker.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True,
@@ -206,9 +227,31 @@ class Supervisor:
 
     async def retire(self, handle: WorkerHandle) -> None:
         """Stop a draining worker that serves nothing any more and forget it."""
+        if handle.tracing:
+            async with self._tracer_lock:  # a tracer() waiting for it starts a new one after it exited
+                if self.workers.get(handle.worker_id) is handle:
+                    self.workers.pop(handle.worker_id, None)
+                    await self._stop_one(handle)
+                    log.info("stopped the tracing worker (pid %d)", handle.pid)
+            return
         self.workers.pop(handle.worker_id, None)
         await self._stop_one(handle)
         log.info("stopped draining worker %d (pid %d)", handle.worker_id, handle.pid)
+
+    async def tracer(self) -> WorkerHandle:
+        """The tracing worker, started if none is running."""
+        async with self._tracer_lock:
+            handle = self.workers.get(TRACE_WORKER_ID)
+            if handle is not None and handle.state == "ready":
+                return handle
+            if handle is not None:  # dead: on_death forgets it; do not wait for that
+                self.workers.pop(TRACE_WORKER_ID, None)
+                if handle.client is not None:
+                    await handle.client.close()
+            handle = await self.spawn(TRACE_WORKER_ID)
+            handle.draining = True
+            self.workers[TRACE_WORKER_ID] = handle
+            return handle
 
     async def _watch(self) -> None:
         while True:

@@ -13,6 +13,10 @@ answered with ENOSYS, which switches the kernel to "no_open": it opens files by
 itself, sends no OPEN or RELEASE, keeps the page cache, and sends READ with fh 0.
 That halves the round trips of an open+read of a cached file.  With a stock llfuse,
 ``open`` returns the inode as the handle, so ``read`` sees the same number.
+
+Tracing (``LazyFS(trace=True)``, the tracing worker): OPEN is never refused, so the kernel
+sends one for every ``open()``/``execve()`` of a file, cached or not, and each layer keeps
+the first open of each regular file in order (``OpenTrace``), for ``lazyctl image optimize``.
 """
 
 from __future__ import annotations
@@ -40,6 +44,97 @@ _ATTR_CACHE_ENTRIES = 1 << 16
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 # llfuse builds whose read() gets the inode in place of a zero file handle.
 READ_GETS_INODE = llfuse.__version__.endswith("+lazyd.readino")
+# Files a trace keeps per layer (the wire's list limit), then it stops and says ``truncated``.
+TRACE_LIMIT = 100_000
+TRACE_MAX_CHARS = 8 << 20  # total path characters of one trace (the wire's frame limit is 16 MiB)
+
+
+class OpenTrace:
+    """The first open of each regular file of one layer, in order, bounded by TRACE_LIMIT."""
+
+    def __init__(self, limit: int = TRACE_LIMIT) -> None:
+        self.limit = limit
+        self.order: list[int] = []
+        self.seqs: list[int] = []  # the worker-wide open number of each, to merge the layers' traces
+        self._seen: set[int] = set()
+        self.truncated = False
+
+    def note(self, local: int, seq: int) -> None:
+        """Record open number ``seq`` of local inode ``local`` (cheap: called under llfuse's lock)."""
+        if local in self._seen:
+            return
+        if len(self.order) >= self.limit:
+            self.truncated = True
+            return
+        self._seen.add(local)
+        self.order.append(local)
+        self.seqs.append(seq)
+
+    def snapshot(self) -> tuple[list[int], list[int], bool]:
+        """The inodes recorded so far, their open numbers, and whether the trace is truncated
+        (callers hold llfuse.lock)."""
+        return list(self.order), list(self.seqs), self.truncated
+
+
+def trace_paths(table: InodeTable, order: list[int], seqs: list[int],
+                truncated: bool) -> tuple[list[str], list[int], bool]:
+    """Traced inodes as root-relative paths (a hardlinked file by its first name in TOC order), with
+    their open numbers.  Runs outside llfuse's lock: the table never changes.  Stops (``truncated``)
+    past TRACE_MAX_CHARS."""
+    names: dict[int, dict[int, bytes]] = {}  # directory -> {child inode: first name}
+
+    def path_of(ino: int) -> str:
+        parts: list[bytes] = []
+        while ino != ROOT:
+            parent = table.parent(ino)
+            children = names.get(parent)
+            if children is None:
+                children = {}
+                for name, child in table.children(parent):
+                    children.setdefault(child, name)
+                names[parent] = children
+            name = children.get(ino)
+            if name is None:  # only reachable through a hardlink in another directory
+                raise KeyError(ino)
+            parts.append(name)
+            ino = parent
+        return b"/".join(reversed(parts)).decode()
+
+    out: list[str] = []
+    out_seqs: list[int] = []
+    chars = 0
+    for ino, seq in zip(order, seqs):
+        try:
+            try:
+                path = path_of(ino)
+            except KeyError:
+                found = _search_path(table, ino)
+                if found is None:
+                    continue
+                path = found
+        except UnicodeDecodeError:
+            continue  # not UTF-8: no record can name it (the reference's records are JSON strings)
+        chars += len(path)
+        if chars > TRACE_MAX_CHARS:
+            truncated = True
+            break
+        out.append(path)
+        out_seqs.append(seq)
+    return out, out_seqs, truncated
+
+
+def _search_path(table: InodeTable, target: int) -> str | None:
+    """Any name of ``target`` by a walk of the layer's tree (for a hardlink whose first parent lacks it)."""
+    stack: list[tuple[int, bytes]] = [(ROOT, b"")]
+    while stack:
+        ino, prefix = stack.pop()
+        for name, child in table.children(ino):
+            path = prefix + name
+            if child == target:
+                return path.decode()
+            if table.is_dir(child):
+                stack.append((child, path + b"/"))
+    return None
 
 
 @dataclass
@@ -51,6 +146,7 @@ class Layer:
     layer_digest: str
     table: InodeTable
     counters: MountCounters = field(default_factory=MountCounters)
+    trace: OpenTrace | None = None
 
     def root_inode(self) -> int:
         return self.slot << _SLOT_SHIFT | ROOT
@@ -59,10 +155,11 @@ class Layer:
 class LazyFS(llfuse.Operations):
     """llfuse operations over the layers of one worker (all read-only)."""
 
-    def __init__(self, reader: ChunkReader, no_open: bool = READ_GETS_INODE) -> None:
+    def __init__(self, reader: ChunkReader, no_open: bool = READ_GETS_INODE, trace: bool = False) -> None:
         super().__init__()
         self.reader = reader
-        self.no_open = no_open
+        self.trace = trace
+        self.no_open = no_open and not trace  # a tracing FS must see every OPEN
         self._layers: dict[int, Layer] = {}
         self._by_name: dict[bytes, Layer] = {}
         self._slots = itertools.count(1)
@@ -74,6 +171,7 @@ class LazyFS(llfuse.Operations):
         self._negative.st_ino = 0
         self._negative.entry_timeout = CACHE_TIMEOUT
         self._attrs: dict[int, llfuse.EntryAttributes] = {}
+        self._open_seq = itertools.count()  # numbers the opens of all traced layers, in order
 
     # -- layer management (callers hold llfuse.lock) -------------------------
 
@@ -81,7 +179,7 @@ class LazyFS(llfuse.Operations):
         name = mount_id.encode()
         if name in self._by_name:
             raise KeyError(f"layer directory {mount_id!r} already exists")
-        layer = Layer(next(self._slots), mount_id, layer_digest, table)
+        layer = Layer(next(self._slots), mount_id, layer_digest, table, trace=OpenTrace() if self.trace else None)
         self._layers[layer.slot] = layer
         self._by_name[name] = layer
         return layer
@@ -235,6 +333,8 @@ class LazyFS(llfuse.Operations):
         if not stat.S_ISREG(layer.table.raw_attr(local)[0]):
             raise llfuse.FUSEError(errno.EINVAL)
         layer.counters.opens += 1
+        if layer.trace is not None:
+            layer.trace.note(local, next(self._open_seq))
         if self.no_open:
             # Success to the caller; the kernel stops sending OPEN/RELEASE (see module doc).
             raise llfuse.FUSEError(errno.ENOSYS)

@@ -4,6 +4,9 @@ One llfuse mount at ``<state-dir>/fuse`` with a directory per layer, each expose
 at its requested mountpoint with a read-only bind mount; a control socket
 (``worker.mount/unmount/status/shutdown``); ``worker.json`` once ready; and a
 reconnecting connection to the fetcher for chunk misses.  See docs/design.md.
+
+With ``--trace`` it is the tracing worker: every open reaches it (no "no_open"), and it
+records the first open of each file per mount (``worker.trace``; docs/optimize.md).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from lazyd import logsetup
 from lazyd import mounttable as mounts
 from lazyd import unixsocket
 from lazyd.fuse.fetchconn import FetcherConnection
-from lazyd.fuse.fs import LazyFS, Layer
+from lazyd.fuse.fs import LazyFS, Layer, trace_paths
 from lazyd.estargz.inodes import InodeTable, InodeTableError
 from lazyd.fuse.reader import ChunkReader
 
@@ -53,6 +56,7 @@ class WorkerOptions:
     log_level: str = "info"
     fuse_threads: int = FUSE_THREADS
     log_format: str = "text"
+    trace: bool = False
 
     @property
     def fuse_root(self) -> Path:
@@ -85,7 +89,7 @@ class Worker:
         self.store = ChunkStore(opts.cache_dir, opts.cache_size)
         self.fetcher = FetcherConnection(opts.fetcher_socket, opts.fetch_timeout)
         self.reader = ChunkReader(self.store, self.fetcher, unlocked=lambda: llfuse.lock_released)
-        self.fs = LazyFS(self.reader)
+        self.fs = LazyFS(self.reader, trace=opts.trace)
         self.mounts: dict[str, MountRecord] = {}
         self._ops_lock = threading.Lock()
         self._server: _ControlServer | None = None
@@ -189,6 +193,8 @@ class Worker:
         if isinstance(parsed, messages.WorkerUnmountArgs):
             self.unmount(parsed.mount_id)
             return {}
+        if isinstance(parsed, messages.WorkerTraceArgs):
+            return self.trace(parsed.mount_id).to_dict()
         self.shutdown()
         return {}
 
@@ -257,6 +263,20 @@ class Worker:
                 self.fs.remove_layer(mount_id)
             log.info("unmounted %s from %s", mount_id, record.mountpoint)
 
+    def trace(self, mount_id: str) -> messages.TraceResult:
+        """The files opened so far in ``mount_id`` (first opens, in order)."""
+        with self._ops_lock:
+            record = self.mounts.get(mount_id)
+            if record is None:
+                raise ApiError(messages.NOT_FOUND, f"mount id {mount_id!r} is not mounted by this worker")
+        trace = record.layer.trace
+        if trace is None:
+            raise ApiError(messages.INVALID_REQUEST, f"worker {self.opts.worker_id} does not trace (no --trace)")
+        with llfuse.lock:
+            order, seqs, truncated = trace.snapshot()
+        paths, seqs, truncated = trace_paths(record.layer.table, order, seqs, truncated)
+        return messages.TraceResult(paths=paths, truncated=truncated, seqs=seqs)
+
     def status(self) -> messages.WorkerStatusResult:
         with self._ops_lock:
             records = list(self.mounts.values())
@@ -271,7 +291,8 @@ class Worker:
         return messages.WorkerStatusResult(pid=os.getpid(), worker_id=self.opts.worker_id,
                                            fuse_root=str(self.opts.fuse_root),
                                            fetcher_connected=self.fetcher.connected, mounts=out,
-                                           no_open=self.fs.no_open, llfuse_version=llfuse.__version__)
+                                           no_open=self.fs.no_open, llfuse_version=llfuse.__version__,
+                                           tracing=self.fs.trace)
 
     def shutdown(self) -> None:
         """Unmount every bind and the FUSE mount; the main loop then ends and the process exits."""
@@ -292,7 +313,7 @@ class _Handler(socketserver.BaseRequestHandler):
         worker = self.server.worker
         while True:
             try:
-                request = wire.recv_frame(sock)
+                request = wire.recv_frame(sock, wire.REQUESTS)
             except (EOFError, OSError):
                 return
             except wire.ProtocolError as exc:
@@ -353,11 +374,13 @@ def parse_args(argv: list[str] | None = None) -> WorkerOptions:
     p.add_argument("--log-format", default="text", choices=logsetup.LOG_FORMATS)
     p.add_argument("--fuse-threads", type=int, default=FUSE_THREADS,
                    help="llfuse request threads (>= 2 so cached reads go on while one waits for the fetcher)")
+    p.add_argument("--trace", action="store_true",
+                   help="tracing worker: see every open and record the first open of each file per mount")
     a = p.parse_args(argv)
     if a.fuse_threads < 1:
         p.error("--fuse-threads must be at least 1")
     return WorkerOptions(a.worker_id, a.state_dir.resolve(), a.fetcher_socket, a.cache_dir, a.cache_size,
-                         a.fetch_timeout, a.log_level, a.fuse_threads, a.log_format)
+                         a.fetch_timeout, a.log_level, a.fuse_threads, a.log_format, a.trace)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import aiohttp
 
@@ -30,7 +30,8 @@ from .errors import (DigestMismatchError, ManifestError, NotFoundError, RangeNot
 from .hosts import CAP_PULL, CAP_PUSH, CAP_RESOLVE, Endpoint, is_local, load_endpoints
 from .platforms import Platform
 from .reference import Reference, validate_digest
-from .types import INDEX_TYPES, MANIFEST_TYPES, Descriptor, Image, RegistryStats, digest_of, hasher
+from .types import (INDEX_TYPES, MANIFEST_TYPES, MEDIA_OCI_INDEX, Descriptor, Image, ManifestPush,
+                    RegistryStats, digest_of, hasher)
 
 log = logging.getLogger(__name__)
 
@@ -1001,6 +1002,46 @@ class RegistryClient:
         if returned and returned != digest:
             raise DigestMismatchError(f"registry {ref.registry} stored manifest {obj} as {returned}, expected {digest}")
         return digest
+
+    async def push_manifest(self, ref: Reference, body: bytes, media_type: str, tag: str | None = None) -> ManifestPush:
+        """PUT a manifest under ``tag``, or under its own digest when ``tag`` is None; returns its
+        digest and the ``OCI-Subject`` header (a registry with the referrers API sets it)."""
+        digest = digest_of(body)
+        obj = tag or digest
+        resp = await self._call(ref.registry, ref.repository, "PUT", f"/{ref.repository}/manifests/{obj}",
+                                capability=CAP_PUSH, actions="pull,push", headers={"Content-Type": media_type},
+                                data=body, ok=(200, 201, 202, 204), what=f"push of manifest {obj}")
+        resp.close()
+        returned = resp.headers.get("Docker-Content-Digest")
+        if returned and returned != digest:
+            raise DigestMismatchError(f"registry {ref.registry} stored manifest {obj} as {returned}, expected {digest}")
+        return ManifestPush(digest, resp.headers.get("OCI-Subject") or None)
+
+    async def referrers(self, ref: Reference, digest: str, artifact_type: str | None = None,
+                        max_size: int = MAX_MANIFEST_SIZE) -> bytes | None:
+        """The referrers index of manifest ``digest`` (``GET /v2/<name>/referrers/<digest>``), or
+        None when the registry has no referrers API (404).  The index is checked to be JSON with
+        a ``manifests`` list; ``artifact_type`` is passed as the filter (registries may ignore it)."""
+        validate_digest(digest)
+        query = f"?artifactType={quote(artifact_type, safe='')}" if artifact_type else ""
+        what = f"referrers of {digest}"
+        try:
+            resp = await self._call(ref.registry, ref.repository, "GET", f"/{ref.repository}/referrers/{digest}{query}",
+                                    capability=CAP_PULL, headers={"Accept": MEDIA_OCI_INDEX}, what=what)
+        except NotFoundError:
+            return None
+        try:
+            resp.check_length(max_size, f"{what} in {ref.name}")
+            body = await resp.read(max_size, f"{what} in {ref.name}")
+        finally:
+            resp.close()
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            raise ManifestError(f"{what} in {ref.name}: the answer is not JSON") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("manifests"), list):
+            raise ManifestError(f"{what} in {ref.name}: the answer is not an image index (no 'manifests' list)")
+        return body
 
 
 class _BytesReader:

@@ -19,6 +19,8 @@ MEDIA_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 MEDIA_DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 MEDIA_DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 MEDIA_DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+MEDIA_OCI_EMPTY = "application/vnd.oci.empty.v1+json"
+"""The OCI empty descriptor's media type (content ``{}``): the config of an artifact manifest."""
 
 MANIFEST_TYPES = (MEDIA_OCI_MANIFEST, MEDIA_DOCKER_MANIFEST)
 INDEX_TYPES = (MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST)
@@ -163,3 +165,12 @@ class RegistryStats:
     requests: int = 0
     bytes_received: int = 0
     in_flight: int = 0
+
+
+@dataclass(frozen=True)
+class ManifestPush:
+    """What a manifest push returned: the digest, and the registry's ``OCI-Subject`` header
+    (set by registries with the referrers API when the manifest has a ``subject``)."""
+
+    digest: str
+    subject: str | None = None

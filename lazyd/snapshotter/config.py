@@ -10,6 +10,7 @@ from lazyd.configfile import ConfigError, load_dataclass, read_toml
 from lazyd.unixsocket import group_exists
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+PROMOTE_MODES = ("off", "after_fetch", "manual")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,16 @@ class SnapshotterConfig:
     require_registry: bool = True
     """Answer UNAVAILABLE on Mounts when lazyd reports a remote layer's registry unreachable
     and the layer is not wholly in lazyd's cache (a wholly cached layer needs no registry)."""
+    promote: str = "after_fetch"
+    """When a remote layer whose every chunk is in lazyd's cache becomes a plain local directory
+    (``snapshots/<id>/local``) that new containers use without lazyd or the registry:
+    ``after_fetch`` (once background fetch has brought it all), ``manual`` (only after
+    ``lazyctl promote``) or ``off`` (never)."""
+    promote_interval: float = 2.0
+    """Seconds between the snapshotter's promotion passes (ask lazyd which layers are complete,
+    promote one, release FUSE mounts no overlay uses any more, report layer states)."""
+    promote_retry: float = 60.0
+    """Seconds before a failed promotion of a layer (e.g. a full disk) is tried again."""
     grpc_workers: int = 8
     """Threads serving gRPC requests."""
     log_level: str = "info"
@@ -50,7 +61,10 @@ class SnapshotterConfig:
     def __post_init__(self) -> None:
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"snapshotter.log_level: expected one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
-        for name in ("mount_timeout", "check_timeout", "connect_timeout", "premount_ttl"):
+        if self.promote not in PROMOTE_MODES:
+            raise ConfigError(f"snapshotter.promote: expected one of {', '.join(PROMOTE_MODES)}, got {self.promote!r}")
+        for name in ("mount_timeout", "check_timeout", "connect_timeout", "premount_ttl", "promote_interval",
+                     "promote_retry"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"snapshotter.{name}: must be positive, got {getattr(self, name)!r}")
         if self.socket_group is not None and not group_exists(self.socket_group):

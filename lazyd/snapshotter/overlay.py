@@ -2,6 +2,8 @@
 
 ``<root>/snapshots/<id>/fs`` is a snapshot's upper (or, for a remote layer, lazyd's
 mountpoint); ``<root>/snapshots/<id>/work`` is overlayfs's workdir for active ones.
+A promoted remote layer also has ``<root>/snapshots/<id>/local``, a plain directory that
+replaces ``fs`` as the layer's lower directory (its existence is what "promoted" means).
 """
 
 from __future__ import annotations
@@ -46,6 +48,18 @@ class Layout:
     def work(self, sid: int) -> Path:
         return self.dir(sid) / "work"
 
+    def local(self, sid: int) -> Path:
+        """A promoted layer's plain directory (made by ``promote``, renamed into place atomically)."""
+        return self.dir(sid) / "local"
+
+    def promoted(self, sid: int) -> bool:
+        return self.local(sid).is_dir()
+
+    def lower(self, sid: int) -> Path:
+        """The directory a committed snapshot contributes as a lower layer: ``local`` once promoted, else ``fs``."""
+        local = self.local(sid)
+        return local if local.is_dir() else self.upper(sid)
+
     def create_dirs(self, sid: int, kind: Kind, parent_ids: list[int]) -> Path:
         """Make ``snapshots/<id>/fs`` (and ``work`` for active), owned like the parent's fs."""
         tmp = Path(tempfile.mkdtemp(prefix="new-", dir=self.snapshots))
@@ -54,7 +68,7 @@ class Layout:
             if kind == Kind.ACTIVE:
                 (tmp / "work").mkdir(mode=0o711)
             if parent_ids:
-                st = os.stat(self.upper(parent_ids[0]))
+                st = os.stat(self.lower(parent_ids[0]))
                 os.lchown(tmp / "fs", st.st_uid, st.st_gid)
             os.chmod(tmp, 0o755)
             tmp.rename(self.dir(sid))
@@ -66,7 +80,7 @@ class Layout:
     def own_like_parent(self, sid: int, parent_ids: list[int]) -> None:
         """Give ``snapshots/<id>/fs`` its parent's owner, as ``create_dirs`` does (for dirs made before the parent was known)."""
         if parent_ids:
-            st = os.stat(self.upper(parent_ids[0]))
+            st = os.stat(self.lower(parent_ids[0]))
             os.lchown(self.upper(sid), st.st_uid, st.st_gid)
 
     def mounts(self, sid: int, kind: Kind, parent_ids: list[int]) -> list[Mount]:
@@ -77,8 +91,8 @@ class Layout:
         if kind == Kind.ACTIVE:
             options += [f"workdir={self.work(sid)}", f"upperdir={self.upper(sid)}"]
         elif len(parent_ids) == 1:
-            return [Mount("bind", str(self.upper(parent_ids[0])), ["ro", "rbind"])]
-        options.append("lowerdir=" + ":".join(str(self.upper(p)) for p in parent_ids))
+            return [Mount("bind", str(self.lower(parent_ids[0])), ["ro", "rbind"])]
+        options.append("lowerdir=" + ":".join(str(self.lower(p)) for p in parent_ids))
         options += self.overlay_options
         return [Mount("overlay", "overlay", options)]
 

@@ -1,7 +1,7 @@
 """Remote (lazy) layers: which labels ask for one, and the calls to lazyd's msgpack API.
 
 The snapshotter never touches lazyd's internals: it only sends ``mount``, ``unmount``,
-``check`` and ``fallback`` requests through ``lazyd.api.client.Client``.
+``check``, ``fallback`` and ``layer_state`` requests through ``lazyd.api.client.Client``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lazyd.api.client import Client
-from lazyd.api.messages import ALREADY_EXISTS, UNAVAILABLE, ApiError
+from lazyd.api.messages import (
+    ALREADY_EXISTS,
+    NOT_FOUND,
+    UNAVAILABLE,
+    ApiError,
+    LayerReport,
+    LayerStateArgs,
+    LayerStateResult,
+)
 
 log = logging.getLogger("lazyd.snapshotter")
 
@@ -129,6 +137,26 @@ class Lazyd:
             self._client.call("unmount", {"mountpoint": str(mountpoint)}, timeout=self.check_timeout)
         except ApiError as exc:
             log.debug("lazyd unmount %s: %s", mountpoint, exc)
+
+    def release(self, mountpoint: Path) -> str | None:
+        """Ask lazyd to drop a promoted layer's mount (its bind is already detached): ``"released"``,
+        ``"absent"`` (lazyd had no mount there), or None when lazyd cannot be asked now."""
+        try:
+            self._probe()
+            self._client.call("unmount", {"mountpoint": str(mountpoint)}, timeout=self.check_timeout)
+        except ApiError as exc:
+            if exc.code == NOT_FOUND:
+                return "absent"
+            log.debug("lazyd unmount %s: %s", mountpoint, exc)
+            return None
+        return "released"
+
+    def layer_state(self, mode: str, reports: list[LayerReport]) -> LayerStateResult:
+        """Report the promotion setting and layer states; raises ``ApiError`` (e.g. lazyd down)."""
+        self._probe()
+        result: LayerStateResult = self._client.request("layer_state", LayerStateArgs(mode, reports),
+                                                        timeout=self.check_timeout)
+        return result
 
     def served(self, mountpoint: Path) -> bool:
         try:

@@ -28,6 +28,7 @@ from lazyd.snapshotter.metadata import (
     MetaStore,
 )
 from lazyd.snapshotter.overlay import Layout, Mount
+from lazyd.snapshotter.promote import Promoter
 from lazyd.snapshotter.remote import (
     Lazyd,
     RemoteLayer,
@@ -69,8 +70,14 @@ class Snapshotter:
         self._dirs_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=PREMOUNT_THREADS, thread_name_prefix="premount")
         self._checks = ThreadPoolExecutor(max_workers=CHECK_THREADS, thread_name_prefix="check")
+        self.promoter = Promoter(config, self.layout, self.store, self.lazyd)
+
+    def start_promotion(self) -> None:
+        """Start the promotion thread (``lazyd snapshotter`` does, after ``restore``)."""
+        self.promoter.start()
 
     def close(self) -> None:
+        self.promoter.close()
         with self._premount_lock:
             premounts, self._premounts = list(self._premounts.values()), {}
         for pre in premounts:
@@ -225,6 +232,8 @@ class Snapshotter:
         info = self.store.stat(key)
         if info.kind == Kind.ACTIVE:
             return overlay.usage(self.layout.upper(info.id))
+        if info.kind == Kind.COMMITTED and self.layout.promoted(info.id):
+            return overlay.usage(self.layout.local(info.id))  # a promoted layer's real disk use
         return info.size, info.inodes
 
     def walk(self, filters: list[str]) -> Iterator[Info]:
@@ -248,6 +257,7 @@ class Snapshotter:
     def remove(self, key: str) -> None:
         info = self.store.remove(key)
         if layer_from_committed(info.name, info.labels) is not None:
+            self.promoter.cancel(info.id)
             self.lazyd.unmount(self.layout.upper(info.id))
         self.layout.remove_dir(info.id)
 
@@ -267,8 +277,11 @@ class Snapshotter:
     # -- remote layers -----------------------------------------------------------------
 
     def _check_remote_chain(self, chain: list[Info]) -> None:
-        """Raise ``RemoteUnavailableError`` unless every remote layer in ``chain`` is served (checked at once)."""
-        remote = [(info, layer) for info in chain if (layer := layer_from_committed(info.name, info.labels))]
+        """Raise ``RemoteUnavailableError`` unless every remote layer in ``chain`` is served (checked at once).
+
+        Promoted layers (``local`` exists) need neither lazyd nor the registry and are not checked."""
+        remote = [(info, layer) for info in chain if (layer := layer_from_committed(info.name, info.labels))
+                  and not self.layout.promoted(info.id)]
         if len(remote) == 1:
             self._check_remote(*remote[0])
         elif remote:
@@ -300,11 +313,16 @@ class Snapshotter:
         return True
 
     def restore(self) -> int:
-        """Re-mount every committed remote snapshot lazyd does not serve; return how many were mounted."""
+        """Re-mount every committed remote snapshot lazyd does not serve; return how many were mounted.
+
+        Promoted layers are not re-mounted (see ``Promoter.recover``); an unfinished promotion is undone."""
         restored = 0
         for info in self.store.walk():
             layer = layer_from_committed(info.name, info.labels)
             if layer is None:
+                continue
+            self.promoter.recover(info)
+            if self.layout.promoted(info.id):
                 continue
             mountpoint = self.layout.upper(info.id)
             if self.lazyd.served(mountpoint):

@@ -94,7 +94,8 @@ D = "sha256:" + "a" * 64
 VALID_ARGS: dict[type[Message], dict[str, Any]] = {
     messages.Empty: {},
     messages.FetchArgs: {"layer_digest": D, "chunks": [[10, 0]], "priority": "demand"},
-    messages.MountArgs: {"ref": "r/x:y", "layer_digest": D, "mountpoint": "/m", "toc_digest": D, "prefetch_wait": True},
+    messages.MountArgs: {"ref": "r/x:y", "layer_digest": D, "mountpoint": "/m", "toc_digest": D, "prefetch_wait": True,
+                        "trace": True},
     messages.UnmountArgs: {"mountpoint": "/m"},
     messages.CheckArgs: {"mountpoint": "/m"},
     messages.CacheArgs: {"action": "evict", "layer_digest": D},
@@ -103,9 +104,15 @@ VALID_ARGS: dict[type[Message], dict[str, Any]] = {
     messages.PullArgs: {"ref": "r/x:y", "address": "/c.sock", "namespace": "ns", "snapshotter": "lazyd",
                         "plain_http": True, "hosts_dir": "/h", "pull_id": "p1"},
     messages.PullProgressArgs: {"pull_id": "p1"},
+    messages.PromoteArgs: {"ref": "r/x:y", "layer_digest": None},
+    messages.LayerStateArgs: {"mode": "manual", "layers": [{"layer_digest": D, "state": "local", "disk_bytes": 7}]},
     messages.WorkerMountArgs: {"mount_id": "m1", "mountpoint": "/m", "layer_digest": D, "toc_digest": D,
                                "toc_path": "/t", "blob_size": 5, "inodes_path": "/i"},
     messages.WorkerUnmountArgs: {"mount_id": "m1"},
+    messages.TraceArgs: {"mountpoint": "/m"},
+    messages.WorkerTraceArgs: {"mount_id": "m1"},
+    messages.ProfilePutArgs: {"manifest_digest": D, "records": b'{"path":"a","layerIndex":0}\n'},
+    messages.ProfileDigestArgs: {"manifest_digest": D},
 }
 
 
