@@ -55,7 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -425,44 +425,78 @@ def _run_to_output(cd: Containerd, ref: str, name: str, proxy: TCPProxy,
     return seen, wall, *at_first
 
 
+@dataclass
+class Pulled:
+    """A cold pull by ``cold_pull``: its containerd, the pull's seconds, and ``fallbacks()``: the layers
+    that were not served lazily (call it after the workload ran: a layer may fall back on first use)."""
+
+    cd: Containerd
+    seconds: float
+    fallbacks: Callable[[], list[str]]
+
+
+@contextmanager
+def cold_pull(system: str, root: Path, proxy: TCPProxy, ref: str, settings: dict[str, str] | None = None,
+              timeout: float = 600) -> Iterator[Pulled]:
+    """Start ``system``'s stack in the fresh ``root``, reset ``proxy`` and pull ``ref`` (a ref on the proxy):
+    ``lazyd`` (``lazyctl rpull``), ``reference`` (``ctr-remote images rpull``) or ``download`` (``ctr images
+    pull`` into containerd's overlayfs snapshotter; it never falls back).  ``timeout`` bounds the ``ctr`` and
+    ``ctr-remote`` pulls."""
+    digests = [layer["digest"] for layer in read_image(ref).layers]
+    if system == "lazyd":
+        # What --plain-http tells the reference: no TLS probe of the registry first.
+        with lazyd_stack(root, {**(settings or {}), "registry": f'{{plain_http = ["{proxy.host}"]}}'}) as (cd, sock):
+            proxy.reset()
+            t0 = time.monotonic()
+            pulled = json.loads(sh("lazyctl", "rpull", "--plain-http", "--json", "--address", cd.address,
+                                   "--snapshotter", PROXY_SNAPSHOTTER, "--socket", sock, ref))
+            seconds = time.monotonic() - t0
+
+            def lazyd_fell_back() -> list[str]:
+                status = json.loads(sh("lazyctl", "status", "--json", "--socket", sock))
+                return lazyd_fallbacks(digests, pulled, status, content_digests(cd, "default"))
+            yield Pulled(cd, seconds, lazyd_fell_back)
+    elif system == "reference":
+        with stargz_stack(root) as (cd, proc):
+            proxy.reset()
+            t0 = time.monotonic()
+            cd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", PROXY_SNAPSHOTTER, ref, timeout=timeout)
+            seconds = time.monotonic() - t0
+
+            def reference_fell_back() -> list[str]:
+                # Fresh root: every FUSE mount under it is this pull's.
+                return stargz_report(digests, fuse_mounts_below(root), proc.log_text(), "default",
+                                     content_digests(cd, "default")).fallbacks
+            yield Pulled(cd, seconds, reference_fell_back)
+    elif system == "download":
+        with plain_stack(root) as cd:
+            proxy.reset()
+            t0 = time.monotonic()
+            cd.ctr("images", "pull", "--plain-http", ref, timeout=timeout)
+            yield Pulled(cd, time.monotonic() - t0, list)
+    else:
+        raise BenchError(f"unknown system {system!r}")
+
+
 def measure(system: str, variant: str, ref: str, proxy: TCPProxy, work: Path, n: int, link: str, rnd: int,
             settings: dict[str, str]) -> Result:
     """One cold pull + run of ``ref`` (a ref on the proxy) by ``system`` in a fresh root; refused on a fallback."""
+    if system not in SYSTEMS:
+        raise BenchError(f"unknown system {system!r}")
     root = work / f"run{n}-{system}-{variant}"
     root.mkdir()
-    name = f"bench{n}"
     ld = load()
-    digests = [layer["digest"] for layer in read_image(ref).layers]
     try:
-        if system == "lazyd":
-            # What --plain-http tells the reference: no TLS probe of the registry first.
-            with lazyd_stack(root, {**settings, "registry": f'{{plain_http = ["{proxy.host}"]}}'}) as (cd, sock):
-                proxy.reset()
-                t0 = time.monotonic()
-                pulled = json.loads(sh("lazyctl", "rpull", "--plain-http", "--json", "--address", cd.address,
-                                       "--snapshotter", PROXY_SNAPSHOTTER, "--socket", sock, ref))
-                pull = time.monotonic() - t0
-                first, wall, nbytes, nreq = _run_to_output(cd, ref, name, proxy)
-                status = json.loads(sh("lazyctl", "status", "--json", "--socket", sock))
-                fallbacks = lazyd_fallbacks(digests, pulled, status, content_digests(cd, "default"))
-        elif system == "reference":
-            with stargz_stack(root) as (cd, proc):
-                proxy.reset()
-                t0 = time.monotonic()
-                cd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", PROXY_SNAPSHOTTER, ref, timeout=600)
-                pull = time.monotonic() - t0
-                first, wall, nbytes, nreq = _run_to_output(cd, ref, name, proxy)
-                # Fresh root: every FUSE mount under it is this pull's.
-                fallbacks = stargz_report(digests, fuse_mounts_below(root), proc.log_text(), "default",
-                                          content_digests(cd, "default")).fallbacks
-        else:
-            raise BenchError(f"unknown system {system!r}")
+        with cold_pull(system, root, proxy, ref, settings) as pulled:
+            first, wall, nbytes, nreq = _run_to_output(pulled.cd, ref, f"bench{n}", proxy)
+            fallbacks = pulled.fallbacks()
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if fallbacks:
-        raise Refused(f"{system} on {variant} ({link}, round {rnd + 1}): not every one of the {len(digests)} layers "
+        n_layers = len(read_image(ref).layers)
+        raise Refused(f"{system} on {variant} ({link}, round {rnd + 1}): not every one of the {n_layers} layers "
                       "was served lazily: " + " | ".join(fallbacks))
-    return Result(link, variant, system, rnd + 1, pull, first, wall, nbytes, nreq, ld)
+    return Result(link, variant, system, rnd + 1, pulled.seconds, first, wall, nbytes, nreq, ld)
 
 
 # --- report ----------------------------------------------------------------------------------

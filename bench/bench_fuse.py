@@ -28,7 +28,8 @@ from pathlib import Path
 
 from lazyd.api import wire
 from lazyd.cache.store import ChunkKey, ChunkStore
-from lazyd.estargz import FOOTER_SIZE, TOC, BuildOptions, build, decode_chunk, decode_toc_member, parse_footer
+from lazyd.estargz import (FOOTER_SIZE, TOC, BuildOptions, BuildResult, build, decode_chunk, decode_toc_member,
+                           parse_footer)
 
 BLOCK = 1 << 20
 MIN_WARM_SECONDS = 0.5
@@ -79,6 +80,44 @@ def control(sock: Path, op: str, args: dict) -> dict:
     if not reply["ok"]:
         raise RuntimeError(f"{op}: {reply['error']}")
     return reply["result"]
+
+
+def start_worker(work: Path, state: Path, args: list[str] | None = None) -> subprocess.Popen[bytes]:
+    """A FUSE worker with no fetcher (every chunk must be in the store ``work/cache``), state in ``state``
+    and its log in ``work/worker.log``; returns once it is ready (SystemExit with its log if it is not)."""
+    log = open(work / "worker.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lazyd.fuse.worker", "--worker-id", "0", "--state-dir", str(state),
+         "--fetcher-socket", str(work / "no-fetcher.sock"), "--cache-dir", str(work / "cache"),
+         "--cache-size", str(8 << 30), "--fetch-timeout", "1", *(args or [])],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 20
+    while not (state / "worker.json").exists():
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise SystemExit(f"worker did not start:\n{(work / 'worker.log').read_text()}")
+        time.sleep(0.05)
+    return proc
+
+
+def mount_layer(state: Path, mount_id: str, mountpoint: Path, result: BuildResult, toc_path: Path,
+                blob: Path) -> None:
+    """Mount the layer ``build`` made (``result``, at ``blob``; its TOC JSON at ``toc_path``) at ``mountpoint``."""
+    control(state / "control.sock", "worker.mount", {
+        "mount_id": mount_id, "mountpoint": str(mountpoint), "layer_digest": result.blob_digest,
+        "toc_digest": result.toc_digest, "toc_path": str(toc_path), "blob_size": blob.stat().st_size})
+
+
+def stop_worker(proc: subprocess.Popen[bytes], state: Path) -> None:
+    """Ask the worker to shut down; kill it if it has not exited within 15 s."""
+    try:
+        control(state / "control.sock", "worker.shutdown", {})
+    except OSError:
+        pass
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def read_tree(files: list[Path]) -> int:
@@ -154,22 +193,9 @@ def main() -> int:
         toc_json = fill_store(store, blob, result.blob_digest)
         store.close()
         (work / "toc.json").write_bytes(toc_json)
-        log = open(work / "worker.log", "wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lazyd.fuse.worker", "--worker-id", "0", "--state-dir", str(state),
-             "--fetcher-socket", str(work / "no-fetcher.sock"), "--cache-dir", str(work / "cache"),
-             "--cache-size", str(8 << 30), "--fetch-timeout", "1",
-             *(["--fuse-threads", str(args.fuse_threads)] if args.fuse_threads else [])],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 20
-        while not (state / "worker.json").exists():
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit(f"worker did not start:\n{(work / 'worker.log').read_text()}")
-            time.sleep(0.05)
+        proc = start_worker(work, state, ["--fuse-threads", str(args.fuse_threads)] if args.fuse_threads else [])
         mnt = work / "mnt"
-        control(state / "control.sock", "worker.mount", {
-            "mount_id": "bench", "mountpoint": str(mnt), "layer_digest": result.blob_digest,
-            "toc_digest": result.toc_digest, "toc_path": str(work / "toc.json"), "blob_size": blob.stat().st_size})
+        mount_layer(state, "bench", mnt, result, work / "toc.json", blob)
         results = measure(native, mnt, args.repeat)
         status = control(state / "control.sock", "worker.status", {})["mounts"][0]
         if status["fetch_errors"] or status["cache_misses"]:
@@ -187,15 +213,7 @@ def main() -> int:
         return 0
     finally:
         if proc is not None:
-            try:
-                control(state / "control.sock", "worker.shutdown", {})
-            except OSError:
-                pass
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_worker(proc, state)
         subprocess.run(["umount", "-l", str(work / "mnt")], capture_output=True)
         subprocess.run(["umount", "-l", str(state / "fuse")], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)

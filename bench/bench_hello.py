@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_e2e as e2e  # noqa: E402
-from bench_e2e import (BenchError, Refused, lazyd_stack, load, measure, md_table, parse_links,  # noqa: E402
+from bench_e2e import (BenchError, Refused, cold_pull, lazyd_stack, load, measure, md_table, parse_links,  # noqa: E402
                        plain_stack, record_paths, sh, signals_as_exit, startup_files, tmpfs, verify_prioritized, via)
 
 from tests.e2e.images import with_parent_dirs  # noqa: E402
@@ -150,15 +150,12 @@ def measure_legacy(ref: str, proxy: TCPProxy, work: Path, n: int) -> tuple[float
     """Cold ``ctr pull`` (overlayfs) + ``ctr run --rm``: (pull, first output, run, bytes, requests)."""
     root = work / f"run{n}-legacy"
     try:
-        with plain_stack(root) as cd:
-            proxy.reset()
-            t0 = time.monotonic()
-            cd.ctr("images", "pull", "--plain-http", ref, timeout=600)
-            pull = time.monotonic() - t0
-            first, wall, nbytes, nreq = e2e._run_to_output(cd, ref, f"bench{n}", proxy, snapshotter="overlayfs")
+        with cold_pull("download", root, proxy, ref) as pulled:
+            first, wall, nbytes, nreq = e2e._run_to_output(pulled.cd, ref, f"bench{n}", proxy,
+                                                           snapshotter="overlayfs")
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return pull, first, wall, nbytes, nreq
+    return pulled.seconds, first, wall, nbytes, nreq
 
 
 def one_run(mode: str, wl: str, link: str, rnd: int, n: int, refs: dict[str, str], proxy: TCPProxy,

@@ -23,7 +23,6 @@ import argparse
 import io
 import json
 import random
-import sqlite3
 import sys
 import tarfile
 import tempfile
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lazyd.estargz import BuildOptions  # noqa: E402
 from lazyd.registry import Reference  # noqa: E402
 from tests.support.estargz_images import EStargzLayer, build_layers, push_layers  # noqa: E402
-from tests.support.lazyd import start_lazyd, worker_processes  # noqa: E402
+from tests.support.lazyd import cached_chunks, start_lazyd, worker_processes  # noqa: E402
 from tests.support.procs import wait_until  # noqa: E402
 from tests.support.registry import start_registry  # noqa: E402
 
@@ -132,15 +131,6 @@ def toc_chunks(root: Path) -> int:
         for e in json.loads(p.read_bytes())["entries"]:
             n += e["type"] == "chunk" or e["type"] == "reg" and e.get("size", 0) > 0
     return n
-
-
-def cached_chunks(root: Path) -> int:
-    """Chunks in the daemon's store, read from its SQLite index without touching the daemon."""
-    con = sqlite3.connect(f"file:{root / 'cache' / 'cache.db'}?mode=ro", uri=True, timeout=30)
-    try:
-        return int(con.execute("SELECT COUNT(*) FROM Cache WHERE raw = 1").fetchone()[0])
-    finally:
-        con.close()
 
 
 def toc_entries(root: Path) -> int:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,11 +33,12 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lazyd.api import wire  # noqa: E402
-from lazyd.cache.store import ChunkKey, ChunkStore  # noqa: E402
-from lazyd.estargz import FOOTER_SIZE, TOC, BuildOptions, build, decode_chunk, decode_toc_member, parse_footer  # noqa: E402
+from bench_fuse import control, fill_store, mount_layer, read_tree, start_worker, stop_worker  # noqa: E402
+from lazyd.cache.store import ChunkStore  # noqa: E402
+from lazyd.estargz import BuildOptions, build  # noqa: E402
 from lazyd.snapshotter.extract import ExtractStats, extract_layer  # noqa: E402
 from tests.support.images import debian_python_layout, layer_tars  # noqa: E402
 
@@ -46,27 +46,6 @@ BLOCK = 1 << 20
 BIG = 1 << 20
 MIN_WARM_SECONDS = 0.5
 TARGET = 0.98
-
-
-def fill_store(store: ChunkStore, blob_path: Path, digest: str) -> bytes:
-    """Verify and store every chunk, as background fetch does; returns the TOC JSON."""
-    blob = blob_path.read_bytes()
-    toc_offset = parse_footer(blob[-FOOTER_SIZE:], len(blob))
-    toc_json = decode_toc_member(blob[toc_offset : len(blob) - FOOTER_SIZE])
-    toc = TOC.parse(toc_json, toc_offset=toc_offset)
-    for c in toc.chunks:
-        store.put(ChunkKey(digest, c.blob_offset, c.inner_offset), decode_chunk(c, blob[c.blob_offset : c.blob_end]))
-    return toc_json
-
-
-def control(sock: Path, op: str, args: dict) -> dict:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.connect(str(sock))
-        wire.send_frame(s, {"id": 1, "op": op, "args": args})
-        reply = wire.recv_frame(s)
-    if not reply["ok"]:
-        raise RuntimeError(f"{op}: {reply['error']}")
-    return reply["result"]
 
 
 def regular_files(roots: list[Path]) -> list[Path]:
@@ -81,16 +60,6 @@ def regular_files(roots: list[Path]) -> list[Path]:
                     elif e.is_file(follow_symlinks=False):
                         out.append(Path(e.path))
     return sorted(out)
-
-
-def read_files(files: list[Path]) -> int:
-    total = 0
-    buf = bytearray(BLOCK)
-    for p in files:
-        with open(p, "rb", buffering=0) as f:
-            while n := f.readinto(buf):
-                total += n
-    return total
 
 
 def walk_read(roots: list[Path]) -> int:
@@ -131,7 +100,7 @@ def measure(sides: dict[str, list[Path]], repeat: int) -> dict[str, dict[str, fl
     if len(counts) != 1:
         raise SystemExit(f"the sides differ in their big files: { {k: len(v) for k, v in big.items()} }")
     cases: dict[str, Callable[[str], int]] = {
-        "warm sequential, files >= 1 MiB (MB/s)": lambda side: read_files(big[side]),
+        "warm sequential, files >= 1 MiB (MB/s)": lambda side: read_tree(big[side]),
         "warm small-file walk, every file (files/s)": lambda side: walk_read(sides[side]),
     }
     scale = {"warm sequential, files >= 1 MiB (MB/s)": 1e-6, "warm small-file walk, every file (files/s)": 1.0}
@@ -205,27 +174,14 @@ def main() -> int:
             (work / f"toc{i}.json").write_bytes(fill_store(store, blob, result.blob_digest))
             layers.append((blob, result))
         store.close()
-        log = open(work / "worker.log", "wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lazyd.fuse.worker", "--worker-id", "0", "--state-dir", str(state),
-             "--fetcher-socket", str(work / "no-fetcher.sock"), "--cache-dir", str(work / "cache"),
-             "--cache-size", str(8 << 30), "--fetch-timeout", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 20
-        while not (state / "worker.json").exists():
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise SystemExit(f"worker did not start:\n{(work / 'worker.log').read_text()}")
-            time.sleep(0.05)
+        proc = start_worker(work, state)
         fuse, promoted, native = [], [], []
         rows = []
         tmpfs = work / "tmpfs"
         tmpfs.mkdir()
         for i, (blob, result) in enumerate(layers):
             mnt = work / f"mnt{i}"
-            control(state / "control.sock", "worker.mount", {
-                "mount_id": f"layer{i}", "mountpoint": str(mnt), "layer_digest": result.blob_digest,
-                "toc_digest": result.toc_digest, "toc_path": str(work / f"toc{i}.json"),
-                "blob_size": blob.stat().st_size})
+            mount_layer(state, f"layer{i}", mnt, result, work / f"toc{i}.json", blob)
             mounts.append(mnt)
             fuse.append(mnt)
             nat = work / f"native{i}"
@@ -242,10 +198,7 @@ def main() -> int:
             # Again into a dedicated tmpfs: its statvfs delta is an independent peak-disk measure.
             # From a second mount of the layer, whose FUSE page cache is as cold as the first's was.
             mnt2 = work / f"mnt{i}-again"
-            control(state / "control.sock", "worker.mount", {
-                "mount_id": f"layer{i}-again", "mountpoint": str(mnt2), "layer_digest": result.blob_digest,
-                "toc_digest": result.toc_digest, "toc_path": str(work / f"toc{i}.json"),
-                "blob_size": blob.stat().st_size})
+            mount_layer(state, f"layer{i}-again", mnt2, result, work / f"toc{i}.json", blob)
             mounts.append(mnt2)
             subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2g", "tmpfs", str(tmpfs)], check=True)
             try:
@@ -305,15 +258,7 @@ def main() -> int:
         return 0 if all(verdicts) else 1
     finally:
         if proc is not None:
-            try:
-                control(state / "control.sock", "worker.shutdown", {})
-            except OSError:
-                pass
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_worker(proc, state)
         for m in mounts:
             subprocess.run(["umount", "-l", str(m)], capture_output=True)
         subprocess.run(["umount", "-l", str(state / "fuse")], capture_output=True)

@@ -40,10 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_e2e import (  # noqa: E402
-    PROXY_SNAPSHOTTER, RESULTS, BenchError, Refused, lazyd_stack, load, md_table, parse_links, plain_stack, sh,
-    signals_as_exit, stargz_stack, tmpfs, via)
+    PROXY_SNAPSHOTTER, RESULTS, BenchError, Refused, cold_pull, load, md_table, parse_links, plain_stack, sh,
+    signals_as_exit, tmpfs, via)
 from tests.e2e.images import add_layer  # noqa: E402
-from tests.interop.consumers import content_digests, fuse_mounts_below, lazyd_fallbacks, stargz_report  # noqa: E402
 from tests.interop.oci import read_image  # noqa: E402
 from tests.support.containerd import Containerd  # noqa: E402
 from tests.support.images import build_busybox, push  # noqa: E402
@@ -103,41 +102,16 @@ def measure(system: str, variant: str, ref: str, proxy: TCPProxy, work: Path, n:
     root = work / f"run{n}-{system}-{variant}"
     root.mkdir()
     ld = load()
-    digests = [layer["digest"] for layer in read_image(ref).layers]
-    fallbacks: list[str] = []
     try:
-        if system == "lazyd":
-            with lazyd_stack(root, {"registry": f'{{plain_http = ["{proxy.host}"]}}'}) as (cd, sock):
-                proxy.reset()
-                t0 = time.monotonic()
-                pulled = json.loads(sh("lazyctl", "rpull", "--plain-http", "--json", "--address", cd.address,
-                                       "--snapshotter", PROXY_SNAPSHOTTER, "--socket", sock, ref))
-                pull = time.monotonic() - t0
-                run, size = _walk(cd, ref, f"walk{n}", PROXY_SNAPSHOTTER)
-                status = json.loads(sh("lazyctl", "status", "--json", "--socket", sock))
-                fallbacks = lazyd_fallbacks(digests, pulled, status, content_digests(cd, "default"))
-        elif system == "reference":
-            with stargz_stack(root) as (cd, proc):
-                proxy.reset()
-                t0 = time.monotonic()
-                cd.ctr_remote("images", "rpull", "--plain-http", "--snapshotter", PROXY_SNAPSHOTTER, ref, timeout=1800)
-                pull = time.monotonic() - t0
-                run, size = _walk(cd, ref, f"walk{n}", PROXY_SNAPSHOTTER)
-                fallbacks = stargz_report(digests, fuse_mounts_below(root), proc.log_text(), "default",
-                                          content_digests(cd, "default")).fallbacks
-        else:
-            with plain_stack(root) as cd:
-                proxy.reset()
-                t0 = time.monotonic()
-                cd.ctr("images", "pull", "--plain-http", ref, timeout=1800)
-                pull = time.monotonic() - t0
-                run, size = _walk(cd, ref, f"walk{n}", "overlayfs")
+        with cold_pull(system, root, proxy, ref, timeout=1800) as pulled:
+            run, size = _walk(pulled.cd, ref, f"walk{n}", "overlayfs" if system == "download" else PROXY_SNAPSHOTTER)
+            fallbacks = pulled.fallbacks()
         nbytes, nreq = proxy.bytes_down, len(proxy.requests())
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if fallbacks:
         raise Refused(f"{system} on {variant} ({link}, round {rnd + 1}): " + " | ".join(fallbacks))
-    return Result(link, system, variant, rnd + 1, pull, run, nbytes, nreq, size, ld)
+    return Result(link, system, variant, rnd + 1, pulled.seconds, run, nbytes, nreq, size, ld)
 
 
 def report(results: list[Result], links: list[str]) -> str:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import bisect
 import re
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -121,6 +121,15 @@ def fallback_reason(reason: str) -> str:
     return m.group(1) if m and m.group(1) in FALLBACK_REASONS else "other"
 
 
+def _observe(table: dict[tuple[str, str], Histogram], bounds: tuple[int, ...], key: tuple[str, str],
+             value: float) -> None:
+    """Add ``value`` to the histogram of ``key`` in ``table``, made with ``bounds`` when there is none yet."""
+    h = table.get(key)
+    if h is None:
+        h = table[key] = Histogram(bounds)
+    h.observe(value)
+
+
 @dataclass
 class Metrics:
     """What the fetcher counts since it started; changed on its event loop only."""
@@ -145,18 +154,10 @@ class Metrics:
     mounts_reestablished: int = 0
 
     def observe_ms(self, operation: str, layer: str, seconds: float) -> None:
-        key = (operation, layer)
-        h = self.durations_ms.get(key)
-        if h is None:
-            h = self.durations_ms[key] = Histogram(MS_BUCKETS)
-        h.observe(seconds * 1e3)
+        _observe(self.durations_ms, MS_BUCKETS, (operation, layer), seconds * 1e3)
 
     def observe_us(self, operation: str, layer: str, seconds: float) -> None:
-        key = (operation, layer)
-        h = self.durations_us.get(key)
-        if h is None:
-            h = self.durations_us[key] = Histogram(US_BUCKETS)
-        h.observe(seconds * 1e6)
+        _observe(self.durations_us, US_BUCKETS, (operation, layer), seconds * 1e6)
 
     def count(self, operation: str, layer: str, n: int = 1) -> None:
         key = (operation, layer)
@@ -274,11 +275,20 @@ def _untyped(name: str, documentation: str, labels: list[str],
     return family
 
 
-def _labelled(cls: type[CounterMetricFamily] | type[GaugeMetricFamily], name: str, documentation: str,
-              label: str, values: dict[str, int] | dict[str, float]) -> Metric:
+_FamilyValue = float | None | tuple[str, Mapping[str, float]]
+"""A counter's or gauge's samples for ``_family``."""
+
+
+def _family(cls: type[CounterMetricFamily | GaugeMetricFamily], name: str, documentation: str,
+            value: _FamilyValue) -> Metric:
+    """A counter or gauge: ``value`` is its one sample, None for none (yet), or ``(label, {label value:
+    sample})`` for one sample a label value, sorted by it."""
+    if not isinstance(value, tuple):
+        return cls(name, documentation, value=value)
+    label, values = value
     family = cls(name, documentation, labels=[label])
-    for key, value in sorted(values.items()):
-        family.add_metric([key], value)
+    for key, sample in sorted(values.items()):
+        family.add_metric([key], sample)
     return family
 
 
@@ -292,60 +302,61 @@ class _Collector:
     def collect(self) -> Iterator[Metric]:
         m, s = self.metrics, self.snapshot
         yield from self._reference(m, s)
-        yield GaugeMetricFamily("lazyd_cache_bytes", "Bytes the chunk store takes on disk (chunk files, SQLite "
-                                "database and write-ahead log).", value=s.cache_bytes)
-        yield GaugeMetricFamily("lazyd_cache_limit_bytes", "The chunk store's cap (cache_size).", value=s.cache_limit)
-        yield GaugeMetricFamily("lazyd_cache_chunks", "Chunks in the chunk store.", value=s.cache_chunks)
-        yield CounterMetricFamily("lazyd_cache_evictions_total", "Chunks evicted (least recently used first) to keep "
-                                  "the chunk store under its cap.", value=s.cache_evictions)
         hits = sum(w.cache_hits for w in s.worker_layers.values())
         misses = sum(w.cache_misses for w in s.worker_layers.values())
-        yield CounterMetricFamily("lazyd_cache_hits_total", "Chunk lookups of FUSE reads found in the chunk store "
-                                  "(current mounts, from the workers).", value=hits)
-        yield CounterMetricFamily("lazyd_cache_misses_total", "Chunk lookups of FUSE reads that had to ask the "
-                                  "fetcher (current mounts, from the workers).", value=misses)
-        ratio = GaugeMetricFamily("lazyd_cache_hit_ratio", "lazyd_cache_hits_total / (hits + misses); absent "
-                                  "before the first lookup.")
-        if hits + misses:
-            ratio.add_metric([], hits / (hits + misses))
-        yield ratio
-        yield CounterMetricFamily("lazyd_read_errors_total", "FUSE reads that failed with EIO (current mounts, "
-                                  "from the workers).", value=sum(w.read_errors for w in s.worker_layers.values()))
-        yield CounterMetricFamily("lazyd_dedupe_saved_requests_total", "Fetches that sent no registry request: every "
-                                  "member they needed was already being fetched by another request.",
-                                  value=m.dedupe_requests)
-        yield CounterMetricFamily("lazyd_dedupe_saved_bytes_total", "Compressed bytes fetches waited for from another "
-                                  "request instead of asking the registry for them again.", value=m.dedupe_bytes)
-        yield _labelled(CounterMetricFamily, "lazyd_fetched_bytes_total", "Compressed layer bytes received from "
-                        "registries, by the priority of the fetch.", "priority", m.fetched_bytes)
-        yield _labelled(CounterMetricFamily, "lazyd_fetch_requests_total", "Range requests (streamed or multi-range) "
-                        "sent for layer data, by the priority of the fetch.", "priority", m.fetch_requests)
-        yield CounterMetricFamily("lazyd_chunk_verify_errors_total", "Chunks whose content did not match the digest "
-                                  "in the TOC (each is fetched again).", value=s.verify_errors)
-        yield _labelled(CounterMetricFamily, "lazyd_fallbacks_total", "Layers the snapshotter could not mount lazily "
-                        "and pulled instead, by the error code of the reason.", "reason", m.fallbacks)
-        yield _labelled(CounterMetricFamily, "lazyd_registry_errors_total", "Failed registry requests (each attempt), "
-                        "by kind.", "kind", m.registry_errors)
-        yield _labelled(CounterMetricFamily, "lazyd_registry_retries_total", "Registry requests tried again, or bodies "
-                        "resumed, by the kind of error before.", "kind", m.registry_retries)
-        yield CounterMetricFamily("lazyd_registry_requests_total", "HTTP requests sent to registries (redirects, "
-                                  "401 challenges and checks included).", value=s.registry_requests)
-        yield CounterMetricFamily("lazyd_registry_received_bytes_total", "Body bytes received from registries.",
-                                  value=s.registry_bytes)
-        yield GaugeMetricFamily("lazyd_registry_in_flight", "Registry requests waiting for their answer's headers.",
-                                value=s.registry_in_flight)
-        yield CounterMetricFamily("lazyd_worker_restarts_total", "FUSE workers started again after they died.",
-                                  value=m.worker_restarts)
-        yield CounterMetricFamily("lazyd_workers_adopted_total", "Running FUSE workers this fetcher took over at its "
-                                  "start.", value=m.workers_adopted)
-        yield CounterMetricFamily("lazyd_mounts_adopted_total", "Mounts still served by an adopted worker that this "
-                                  "fetcher took over at its start.", value=m.mounts_adopted)
-        yield CounterMetricFamily("lazyd_mounts_reestablished_total", "Mounts mounted again after their worker died or "
-                                  "was gone at start-up.", value=m.mounts_reestablished)
-        yield _labelled(GaugeMetricFamily, "lazyd_workers", "FUSE workers by state.", "state", s.workers)
-        yield GaugeMetricFamily("lazyd_workers_unanswered", "Ready workers that did not answer worker.status for this "
-                                "scrape (their read counters are missing from it).", value=s.workers_unanswered)
-        yield _labelled(GaugeMetricFamily, "lazyd_mounts", "Mounts by state.", "state", s.mount_states)
+        counter, gauge = CounterMetricFamily, GaugeMetricFamily
+        families: tuple[tuple[type[CounterMetricFamily | GaugeMetricFamily], str, str, _FamilyValue], ...] = (
+            (gauge, "lazyd_cache_bytes", ("Bytes the chunk store takes on disk (chunk files, SQLite database and "
+             "write-ahead log)."), s.cache_bytes),
+            (gauge, "lazyd_cache_limit_bytes", "The chunk store's cap (cache_size).", s.cache_limit),
+            (gauge, "lazyd_cache_chunks", "Chunks in the chunk store.", s.cache_chunks),
+            (counter, "lazyd_cache_evictions_total", ("Chunks evicted (least recently used first) to keep the chunk "
+             "store under its cap."), s.cache_evictions),
+            (counter, "lazyd_cache_hits_total", ("Chunk lookups of FUSE reads found in the chunk store (current "
+             "mounts, from the workers)."), hits),
+            (counter, "lazyd_cache_misses_total", ("Chunk lookups of FUSE reads that had to ask the fetcher (current "
+             "mounts, from the workers)."), misses),
+            (gauge, "lazyd_cache_hit_ratio", ("lazyd_cache_hits_total / (hits + misses); absent before the first "
+             "lookup."), hits / (hits + misses) if hits + misses else None),
+            (counter, "lazyd_read_errors_total", ("FUSE reads that failed with EIO (current mounts, from the "
+             "workers)."), sum(w.read_errors for w in s.worker_layers.values())),
+            (counter, "lazyd_dedupe_saved_requests_total", ("Fetches that sent no registry request: every member "
+             "they needed was already being fetched by another request."), m.dedupe_requests),
+            (counter, "lazyd_dedupe_saved_bytes_total", ("Compressed bytes fetches waited for from another request "
+             "instead of asking the registry for them again."), m.dedupe_bytes),
+            (counter, "lazyd_fetched_bytes_total", ("Compressed layer bytes received from registries, by the "
+             "priority of the fetch."), ("priority", m.fetched_bytes)),
+            (counter, "lazyd_fetch_requests_total", ("Range requests (streamed or multi-range) sent for layer data, "
+             "by the priority of the fetch."), ("priority", m.fetch_requests)),
+            (counter, "lazyd_chunk_verify_errors_total", ("Chunks whose content did not match the digest in the TOC "
+             "(each is fetched again)."), s.verify_errors),
+            (counter, "lazyd_fallbacks_total", ("Layers the snapshotter could not mount lazily and pulled instead, "
+             "by the error code of the reason."), ("reason", m.fallbacks)),
+            (counter, "lazyd_registry_errors_total", "Failed registry requests (each attempt), by kind.",
+             ("kind", m.registry_errors)),
+            (counter, "lazyd_registry_retries_total", ("Registry requests tried again, or bodies resumed, by the "
+             "kind of error before."), ("kind", m.registry_retries)),
+            (counter, "lazyd_registry_requests_total", ("HTTP requests sent to registries (redirects, 401 "
+             "challenges and checks included)."), s.registry_requests),
+            (counter, "lazyd_registry_received_bytes_total", "Body bytes received from registries.",
+             s.registry_bytes),
+            (gauge, "lazyd_registry_in_flight", "Registry requests waiting for their answer's headers.",
+             s.registry_in_flight),
+            (counter, "lazyd_worker_restarts_total", "FUSE workers started again after they died.",
+             m.worker_restarts),
+            (counter, "lazyd_workers_adopted_total", "Running FUSE workers this fetcher took over at its start.",
+             m.workers_adopted),
+            (counter, "lazyd_mounts_adopted_total", ("Mounts still served by an adopted worker that this fetcher "
+             "took over at its start."), m.mounts_adopted),
+            (counter, "lazyd_mounts_reestablished_total", ("Mounts mounted again after their worker died or was "
+             "gone at start-up."), m.mounts_reestablished),
+            (gauge, "lazyd_workers", "FUSE workers by state.", ("state", s.workers)),
+            (gauge, "lazyd_workers_unanswered", ("Ready workers that did not answer worker.status for this scrape "
+             "(their read counters are missing from it)."), s.workers_unanswered),
+            (gauge, "lazyd_mounts", "Mounts by state.", ("state", s.mount_states)),
+        )
+        for cls, name, documentation, value in families:
+            yield _family(cls, name, documentation, value)
 
     def _reference(self, m: Metrics, s: Snapshot) -> Iterator[Metric]:
         """The metrics stargz-snapshotter has, under its names."""

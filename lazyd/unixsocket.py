@@ -64,6 +64,16 @@ def _group_can_search(st: os.stat_result, gid: int) -> bool:
     return bool(st.st_mode & stat.S_IXOTH) or (st.st_gid == gid and bool(st.st_mode & stat.S_IXGRP))
 
 
+def _set_group_and_mode(path: Path, gid: int | None, mode: int, what: str) -> None:
+    """Give ``path`` group ``gid`` (when there is one), then ``mode``; SocketSetupError naming ``what``."""
+    try:
+        if gid is not None:
+            os.chown(path, -1, gid)
+        os.chmod(path, mode)
+    except OSError as exc:
+        raise SocketSetupError(f"cannot set mode {mode:04o} and group {gid} on {what}: {exc.strerror}") from exc
+
+
 def make_parents(directory: Path, gid: int | None) -> list[Path]:
     """Create the missing directories of ``directory`` (outermost first); returns those created.
 
@@ -94,13 +104,7 @@ def make_parents(directory: Path, gid: int | None) -> list[Path]:
             continue  # made meanwhile by someone else: leave it as it is
         except OSError as exc:
             raise SocketSetupError(f"cannot create socket directory {new}: {exc.strerror}") from exc
-        try:
-            if gid is not None:
-                os.chown(new, -1, gid)
-            os.chmod(new, directory_mode(gid))
-        except OSError as exc:
-            raise SocketSetupError(f"cannot set mode {directory_mode(gid):04o} and group {gid} on "
-                                   f"socket directory {new}: {exc.strerror}") from exc
+        _set_group_and_mode(new, gid, directory_mode(gid), f"socket directory {new}")
         created.append(new)
     return created
 
@@ -151,13 +155,7 @@ def publish(path: Path, gid: int | None, bind: Callable[[str], None], listen: Ca
             bind(str(staging))
         except OSError as exc:
             raise SocketSetupError(f"cannot bind a socket for {path}: {exc}") from exc
-        try:
-            if gid is not None:
-                os.chown(staging, -1, gid)
-            os.chmod(staging, socket_mode(gid))
-        except OSError as exc:
-            raise SocketSetupError(f"cannot set mode {socket_mode(gid):04o} and group {gid} on the socket for "
-                                   f"{path}: {exc.strerror}") from exc
+        _set_group_and_mode(staging, gid, socket_mode(gid), f"the socket for {path}")
         try:
             listen()
             os.rename(staging, path)

@@ -57,12 +57,17 @@ def _offset(hexpart: bytes, kind: str) -> int:
         raise FooterError(f"{kind} footer: TOC offset {hexpart!r} is not 16 hex digits") from None
 
 
-def _parse_estargz(f: bytes) -> int:
+def _check_gzip_extra(f: bytes, want_xlen: int) -> None:
+    """FooterError unless ``f`` starts a gzip header whose extra field is ``want_xlen`` bytes long."""
     if f[:4] != b"\x1f\x8b\x08\x04":
         raise FooterError("not a gzip header with an extra field")
     xlen = struct.unpack_from("<H", f, 10)[0]
-    if xlen != 26:
-        raise FooterError(f"extra field length {xlen}, want 26")
+    if xlen != want_xlen:
+        raise FooterError(f"extra field length {xlen}, want {want_xlen}")
+
+
+def _parse_estargz(f: bytes) -> int:
+    _check_gzip_extra(f, 26)
     if f[12:14] != b"SG":
         raise FooterError(f"extra subfield id {f[12:14]!r}, want b'SG'")
     slen = struct.unpack_from("<H", f, 14)[0]
@@ -76,11 +81,7 @@ def _parse_estargz(f: bytes) -> int:
 
 
 def _parse_legacy(f: bytes) -> int:
-    if f[:4] != b"\x1f\x8b\x08\x04":
-        raise FooterError("not a gzip header with an extra field")
-    xlen = struct.unpack_from("<H", f, 10)[0]
-    if xlen != 22:
-        raise FooterError(f"extra field length {xlen}, want 22")
+    _check_gzip_extra(f, 22)
     if f[28:34] != _MAGIC:
         raise FooterError("extra field lacks the STARGZ magic")
     off = _offset(f[12:28], "legacy stargz")

@@ -23,6 +23,7 @@ from typing import Any
 from lazyd.api.messages import (
     ALREADY_EXISTS,
     INVALID_REQUEST,
+    MAX_LAYER_REPORTS,
     NOT_FOUND,
     UNAVAILABLE,
     ApiError,
@@ -44,7 +45,11 @@ from lazyd.api.messages import (
     MountInfo,
     MountResult,
     MountsResult,
-    MAX_LAYER_REPORTS,
+    ProfileData,
+    ProfileDigestArgs,
+    ProfileListResult,
+    ProfilePutArgs,
+    ProfileSummary,
     PromoteArgs,
     PromoteResult,
     PullArgs,
@@ -67,7 +72,8 @@ from lazyd import mounttable
 from lazyd.api.server import Handler, Server
 from lazyd.cache.store import ChunkStore
 from lazyd.config import DaemonConfig
-from lazyd.fetcher.layers import Layer, LayerTable, Member, atomic_write, registry_error
+from lazyd.fetcher.layers import Layer, LayerTable, Member, ProfilePlan, atomic_write, profile_plan, registry_error
+from lazyd.fetcher.profiles import ProfileFinder, ProfileUse
 from lazyd.fetcher.scheduler import Scheduler
 from lazyd.fetcher.workers import Supervisor, WorkerError, WorkerHandle
 from lazyd.metrics import (
@@ -85,11 +91,8 @@ from lazyd.metrics import (
     WorkerCounts,
     render,
 )
-from lazyd.registry import InvalidReferenceError, Reference, RegistryClient, RegistryError
-from lazyd.api.messages import ProfileData, ProfileDigestArgs, ProfileListResult, ProfilePutArgs, ProfileSummary
-from lazyd.fetcher.layers import ProfilePlan, profile_plan
-from lazyd.fetcher.profiles import ProfileFinder, ProfileUse
 from lazyd.profile.store import ProfileStore, ProfileStoreError
+from lazyd.registry import InvalidReferenceError, Reference, RegistryClient, RegistryError
 
 log = logging.getLogger(__name__)
 

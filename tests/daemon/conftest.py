@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from lazyd.api.client import Client
-from lazyd.estargz import BuildOptions
-from tests.support.estargz_images import EStargzImage, build_layers, push_layers
+from tests.support.estargz_images import EStargzImage, EStargzLayer, build_layers, busybox_layers, push_layers
 from tests.support.images import build_busybox, layer_tars
 from tests.support.lazyd import Lazyd, start_lazyd, worker_json_pids
 from tests.support.procs import Proc
@@ -37,9 +36,7 @@ def busybox_tars(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def busybox(registry: Registry, busybox_tars: list[Path], tmp_path_factory: pytest.TempPathFactory) -> EStargzImage:
     """busybox eStargz image pushed as busybox-esgz:t, with /bin/busybox prioritized in layer 0."""
     out = tmp_path_factory.mktemp("busybox-esgz")
-    layers = build_layers(busybox_tars[:1], out / "0", BuildOptions(prioritized=["bin/busybox"], allow_missing=True))
-    layers += build_layers(busybox_tars[1:], out / "1", BuildOptions(chunk_size=256 * 1024))
-    return push_layers(registry.host, "busybox-esgz:t", layers)
+    return push_layers(registry.host, "busybox-esgz:t", busybox_layers(busybox_tars, out))
 
 
 @pytest.fixture
@@ -83,6 +80,13 @@ class DaemonProc:
         mp = self.root.parent / "mnt" / name
         mp.mkdir(parents=True, exist_ok=True)
         self.mountpoints.append(mp)
+        return mp
+
+    def mount_layer(self, ref: str, layer: EStargzLayer, name: str) -> Path:
+        """Mount ``layer`` of the image ``ref`` (with its TOC digest) at a new mountpoint ``name``; returns it."""
+        mp = self.mountpoint(name)
+        with self.client() as c:
+            c.mount(ref, layer.digest, str(mp), layer.toc_digest)
         return mp
 
     def mount_layers(self, image: EStargzImage, prefix: str) -> list[Path]:

@@ -10,11 +10,9 @@ the number of entries).  The tests fail at twice these bounds.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import random
-import sqlite3
 import tarfile
 import threading
 import time
@@ -32,8 +30,10 @@ from lazyd.fetcher.scheduler import TRIM_AFTER, Scheduler
 from lazyd.registry import Reference, RegistryClient, RegistryConfig
 from tests.daemon.conftest import DaemonProc, via
 from tests.support.estargz_images import EStargzImage, EStargzLayer, build_layers, push_layers
+from tests.support.lazyd import cached_chunks
 from tests.support.procs import wait_until
 from tests.support.registry import Registry
+from tests.support.tars import small_files_tar
 from tests.support.tcpproxy import TCPProxy
 
 ENTRY_BOUND = 1024
@@ -56,19 +56,8 @@ def _status_kib(pid: int, key: str) -> int:
 
 def _files_tar(path: Path, files: int, seed: int) -> Path:
     """``files`` small files (200 B to 3 kB, a third random) in 40 directories."""
-    rnd = random.Random(seed)
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for d in range(40):
-            info = tarfile.TarInfo(f"usr/lib/pkg{d:02d}")
-            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 1_600_000_000
-            tar.addfile(info)
-        for i in range(files):
-            size = rnd.randint(200, 3000)
-            data = rnd.randbytes(size // 3) + (f"{seed} file {i} " * size)[: size - size // 3].encode()
-            info = tarfile.TarInfo(f"usr/lib/pkg{i % 40:02d}/module_{i:05d}.py")
-            info.size, info.mode, info.mtime = len(data), 0o644, 1_600_000_000
-            tar.addfile(info, io.BytesIO(data))
-    return path
+    return small_files_tar(path, files, seed, dirs=40, dir_name="usr/lib/pkg{d:02d}",
+                           file_name="usr/lib/pkg{d:02d}/module_{i:05d}.py", random_part=3, text="{seed} file {i} ")
 
 
 @pytest.fixture(scope="module")
@@ -80,14 +69,6 @@ def many(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> EStarg
         layers += build_layers([_files_tar(work / f"{i}.tar", FILES, i)], work / f"esgz{i}",
                                BuildOptions(workers=1))
     return push_layers(registry.host, "memory-many:t", layers)
-
-
-def _cached_chunks(root: Path) -> int:
-    con = sqlite3.connect(f"file:{root / 'cache' / 'cache.db'}?mode=ro", uri=True, timeout=30)
-    try:
-        return int(con.execute("SELECT COUNT(*) FROM Cache WHERE raw = 1").fetchone()[0])
-    finally:
-        con.close()
 
 
 def test_fetcher_rss_per_entry_and_after_background_fetch(daemon_factory, many: EStargzImage) -> None:
@@ -103,7 +84,7 @@ def test_fetcher_rss_per_entry_and_after_background_fetch(daemon_factory, many: 
         (p.parent / "meta.json").read_bytes())["toc_digest"]).c_inner) for p in d.root.glob("layers/*/toc.json"))
     assert entries > LAYERS * FILES
     per_entry = (mounted - idle) / entries
-    wait_until(lambda: _cached_chunks(d.root) >= chunks, 300, "the background fetch of every layer", interval=0.5)
+    wait_until(lambda: cached_chunks(d.root) >= chunks, 300, "the background fetch of every layer", interval=0.5)
     time.sleep(TRIM_AFTER + 1.5)
     fetched = _status_kib(pid, "VmRSS") * 1024
     grown = fetched - mounted

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from lazyd.estargz import TOC, decode_toc_member, read_footer
 from lazyd.estargz.inodes import InodeTable
 from tests.daemon.conftest import DaemonProc, via
 from tests.support.treecheck import check_tree
 from tests.support.estargz_images import EStargzImage, build_layers, push_layers
+from tests.support.layer_fetch import fetch_concurrently, toc_of
 from tests.support.registry import Registry, start_registry
 from tests.support.tcpproxy import TCPProxy
 
@@ -72,9 +72,7 @@ def test_small_file_from_big_layer_fetches_under_1mb(daemon_factory, debian: ESt
 def test_32_threads_same_chunk_one_request(daemon_factory, busybox: EStargzImage, proxy: TCPProxy) -> None:
     d = daemon_factory(extra=NO_BACKGROUND).start()
     layer = busybox.layers[1]
-    mp = d.mountpoint("dedupe")
-    with d.client() as c:
-        c.mount(via(busybox.ref, proxy), layer.digest, str(mp), layer.toc_digest)
+    mp = d.mount_layer(via(busybox.ref, proxy), layer, "dedupe")
     before = len(proxy.range_requests(layer.digest))
     barrier = threading.Barrier(32)
     results: list[bytes] = []
@@ -99,49 +97,22 @@ def test_32_threads_same_chunk_one_request(daemon_factory, busybox: EStargzImage
 def test_32_concurrent_fetch_requests_one_registry_request(daemon_factory, busybox: EStargzImage,
                                                           proxy: TCPProxy) -> None:
     """The fetcher's dedupe, driven directly over the API by 32 threads on 32 connections."""
-    from lazyd.api.client import Client
-
     d = daemon_factory(extra=NO_BACKGROUND).start()
     layer = busybox.layers[1]
-    mp = d.mountpoint("dedupe2")
-    with d.client() as c:
-        c.mount(via(busybox.ref, proxy), layer.digest, str(mp), layer.toc_digest)
-    toc = _toc_of(layer.blob)
+    d.mount_layer(via(busybox.ref, proxy), layer, "dedupe2")
+    toc = toc_of(layer.blob)
     chunk = toc.file_chunks(toc.lookup("data/big.bin"))[5]
     before = len(proxy.range_requests(layer.digest))
-    barrier = threading.Barrier(32)
-    errors: list[Exception] = []
-
-    def fetch() -> None:
-        with Client(d.socket, timeout=60) as client:
-            barrier.wait()
-            try:
-                client.fetch(layer.digest, [(chunk.blob_offset, chunk.inner_offset)])
-            except Exception as exc:  # noqa: BLE001
-                errors.append(exc)
-
-    threads = [threading.Thread(target=fetch) for _ in range(32)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    errors = fetch_concurrently(d.socket, layer.digest, [(chunk.blob_offset, chunk.inner_offset)])
     assert not errors
     assert len(proxy.range_requests(layer.digest)) - before == 1
-
-
-def _toc_of(blob: Path) -> TOC:
-    data = blob.read_bytes()
-    footer = read_footer(data[-64:], len(data))
-    return TOC.parse(decode_toc_member(data[footer.toc_offset : len(data) - footer.size]), None, footer.toc_offset)
 
 
 def test_clean_restart_refetches_nothing(daemon_factory, busybox: EStargzImage, proxy: TCPProxy) -> None:
     d = daemon_factory(extra=NO_BACKGROUND).start()
     layer = busybox.layers[1]
-    mp = d.mountpoint("restart")
     ref = via(busybox.ref, proxy)
-    with d.client() as c:
-        c.mount(ref, layer.digest, str(mp), layer.toc_digest)
+    mp = d.mount_layer(ref, layer, "restart")
     check_tree(mp, layer.tar)
     assert proxy.range_requests(layer.digest)
     d.shutdown()
@@ -167,7 +138,7 @@ def test_corrupted_chunk_gives_eio_for_that_file_only(daemon_factory, registry: 
         tar.add(src / "d", arcname="d")
     (layer,) = build_layers([tar_path], tmp_path / "esgz")
     image = push_layers(registry.host, "corrupt:t", [layer])
-    toc = _toc_of(layer.blob)
+    toc = toc_of(layer.blob)
     victim = toc.file_chunks(toc.lookup("d/f2.bin"))[0]
     blob = registry.blob_path(layer.digest)
     raw = bytearray(blob.read_bytes())

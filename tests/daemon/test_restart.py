@@ -13,7 +13,7 @@ from lazyd.api.messages import ApiError
 from tests.daemon.conftest import DaemonProc, via
 from tests.support.treecheck import check_tree
 from tests.support.estargz_images import EStargzImage
-from tests.support.procs import wait_until
+from tests.support.procs import pid_alive, wait_until
 from tests.support.tcpproxy import TCPProxy
 
 NO_BACKGROUND = "prefetch = false\nbackground_fetch = false"
@@ -46,7 +46,7 @@ def test_kill9_fetcher_during_read_then_restart_adopts(daemon_factory, busybox: 
     time.sleep(0.5)
     # The workers survive and keep the mount; cached parts stay readable.
     assert os.path.ismount(mp)
-    assert all(_alive(pid) for pid in d.worker_pids())
+    assert all(pid_alive(pid) for pid in d.worker_pids())
     d.start()
     reader.join(60)
     assert got == [want], "the read must finish with the right bytes once the new fetcher is up"
@@ -57,14 +57,6 @@ def test_kill9_fetcher_during_read_then_restart_adopts(daemon_factory, busybox: 
     (m,) = st.mounts
     assert (m.mount_id, m.mountpoint, m.state) == (mount.mount_id, str(mp), "ready")
     assert m.worker_pid == mount.worker_pid, "the worker was adopted, not replaced"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 def test_killed_worker_is_restarted_and_mounts_reestablished(daemon_factory, busybox: EStargzImage) -> None:

@@ -30,9 +30,9 @@ from lazyd.fetcher.scheduler import Scheduler
 from lazyd.registry import Reference, RegistryClient, RegistryConfig
 from tests.daemon.conftest import via
 from tests.support.estargz_images import EStargzImage
-from tests.support.lazyd import Lazyd, unmount_all_below
+from tests.support.lazyd import Lazyd
 from tests.support.registry import Registry
-from tests.support.small_cache import DiskPeak, build_image, random_text, start_small_cache_lazyd
+from tests.support.small_cache import DiskPeak, build_image, random_text, small_cache_lazyds
 from tests.support.tcpproxy import TCPProxy
 from tests.support.treecheck import check_tree
 
@@ -65,19 +65,12 @@ def big_image(registry: Registry, big_files: dict[str, bytes],
 
 @pytest.fixture
 def small_lazyd(tmp_path: Path) -> Iterator[callable]:
-    started: list[Lazyd] = []
+    with small_cache_lazyds(tmp_path) as start_lazyd:
 
-    def start(extra: str = NO_BACKGROUND, cache_size: int = MIN_CACHE_SIZE) -> Lazyd:
-        lazyd = start_small_cache_lazyd(tmp_path / f"d{len(started)}", cache_size, extra)
-        started.append(lazyd)
-        return lazyd
+        def start(extra: str = NO_BACKGROUND, cache_size: int = MIN_CACHE_SIZE) -> Lazyd:
+            return start_lazyd(cache_size, extra)
 
-    try:
         yield start
-    finally:
-        for lazyd in started:
-            lazyd.close(unmount=lazyd.root.parent)
-        unmount_all_below(tmp_path)
 
 
 def _digest(data: bytes) -> str:

@@ -6,10 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import io
-import random
 import subprocess
-import tarfile
 import time
 import urllib.request
 from pathlib import Path
@@ -25,24 +22,14 @@ from lazyd.registry import Reference, RegistryClient, RegistryConfig
 from tests.daemon.conftest import via
 from tests.support.estargz_images import EStargzImage, build_layers, push_layers
 from tests.support.registry import Registry
+from tests.support.tars import small_files_tar
 from tests.support.tcpproxy import TCPProxy
 
 
 def _many_files_tar(path: Path, count: int, seed: int) -> Path:
     """A tar of ``count`` small files (200 B to 3 kB, half random, half text) in 100 directories."""
-    rnd = random.Random(seed)
-    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
-        for d in range(100):
-            info = tarfile.TarInfo(f"d{d:03d}")
-            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 1_600_000_000
-            tar.addfile(info)
-        for i in range(count):
-            size = rnd.randint(200, 3000)
-            data = rnd.randbytes(size // 2) + (f"file {i} " * size)[: size - size // 2].encode()
-            info = tarfile.TarInfo(f"d{i % 100:03d}/f{i:05d}")
-            info.size, info.mode, info.mtime = len(data), 0o644, 1_600_000_000
-            tar.addfile(info, io.BytesIO(data))
-    return path
+    return small_files_tar(path, count, seed, dirs=100, dir_name="d{d:03d}", file_name="d{d:03d}/f{i:05d}",
+                           random_part=2, text="file {i} ")
 
 
 @pytest.fixture(scope="session")

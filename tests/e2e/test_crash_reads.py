@@ -44,7 +44,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.images import _blob, manifest_of
-from tests.support.procs import wait_until
+from tests.support.procs import pid_alive, wait_until
 from tests.support.registry import Registry
 from tests.support.tcpproxy import TCPProxy
 
@@ -222,14 +222,6 @@ def _mounts(stack: Stack) -> dict[str, tuple[int, str, str]]:
     return {m["mount_id"]: (m["worker_pid"], m["state"], m["layer_digest"]) for m in stack.status()["mounts"]}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
 def _progress(loops: list[ReadLoop]) -> dict[str, int]:
     return {loop.container: loop.done_count() for loop in loops}
 
@@ -264,7 +256,7 @@ def test_kill9_fetcher_while_containers_read(stack: Stack, images: Images, regis
         while time.monotonic() < t_kill + GAP:
             time.sleep(0.5)
             timeline.append((round(time.monotonic() - t_kill, 1), _progress(loops)))
-        assert all(_alive(pid) for pid, _, _ in before.values()), "the FUSE workers must outlive lazyd serve"
+        assert all(pid_alive(pid) for pid, _, _ in before.values()), "the FUSE workers must outlive lazyd serve"
         assert probe.poll() is None, f"a read that needs the registry finished without a fetcher: {probe.communicate()}"
         assert all(loop.running() for loop in loops), f"a loop finished without a fetcher: {timeline}"
         for loop in loops:
@@ -358,7 +350,7 @@ def test_kill9_worker_while_container_reads(stack: Stack, images: Images, regist
         proxy.delay = 0.0
         after = _mounts(stack)
         assert after[base_mount] == base_entry, "the other worker's mount is untouched"
-        assert after[victim_mount][1:] == ("ready", python_digest) and _alive(after[victim_mount][0])
+        assert after[victim_mount][1:] == ("ready", python_digest) and pid_alive(after[victim_mount][0])
 
         # What the running container saw: the bytes it read are right, and from the kill on every
         # read that had to reach the worker failed with ENOTCONN (empty files need no read).

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import json
 import tarfile
 
 import pytest
@@ -24,16 +23,7 @@ from lazyd.estargz import (
     footer_bytes,
     parse_footer,
 )
-
-D = "sha256:" + "ab" * 32
-
-
-def toc(*entries: dict[str, object]) -> bytes:
-    return json.dumps({"version": 1, "entries": list(entries)}).encode()
-
-
-def reg(name: str, size: int, offset: int, **kw: object) -> dict[str, object]:
-    return {"name": name, "type": "reg", "size": size, "offset": offset, "digest": D, "chunkDigest": D, **kw}
+from tests.support.tocs import D, reg, toc_json
 
 
 def test_footer_roundtrip_and_legacy() -> None:
@@ -69,7 +59,7 @@ def test_footer_offset_past_end_and_tiny_blob() -> None:
 
 
 def test_names_normalised_implied_dirs_hardlinks() -> None:
-    t = TOC.parse(toc(
+    t = TOC.parse(toc_json(
         {"name": "./", "type": "dir", "mode": 0o755},
         reg("./a/b/file.txt", 5, 100, uid=1, userName="u", modtime="2023-11-14T22:13:20Z"),
         {"name": "./a/b/link", "type": "hardlink", "linkName": "./a/b/file.txt"},
@@ -95,7 +85,7 @@ def test_names_normalised_implied_dirs_hardlinks() -> None:
 
 
 def test_chunk_entries_and_blob_ends() -> None:
-    t = TOC.parse(toc(
+    t = TOC.parse(toc_json(
         reg("big", 10, 100, chunkSize=4),
         {"name": "big", "type": "chunk", "offset": 150, "chunkOffset": 4, "chunkSize": 4, "chunkDigest": D},
         {"name": "big", "type": "chunk", "offset": 190, "chunkOffset": 8, "chunkDigest": D},
@@ -106,7 +96,7 @@ def test_chunk_entries_and_blob_ends() -> None:
         (0, 4, 100, 150), (4, 4, 150, 190), (8, 2, 190, 250), (0, 1, 250, 300), (0, 3, 300, 400)]
     assert t.prefetch_end == 250
     assert t.entries[2].name == "big" and t.entries[2].chunk_size == 2
-    assert TOC.parse(toc(reg("a", 3, 300))).chunks[0].blob_end is None
+    assert TOC.parse(toc_json(reg("a", 3, 300))).chunks[0].blob_end is None
 
 
 @pytest.mark.parametrize("entries, error, message", [
@@ -136,7 +126,7 @@ def test_chunk_entries_and_blob_ends() -> None:
 ])
 def test_malformed_entries(entries: list[dict[str, object]], error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
-        TOC.parse(toc(*entries), toc_offset=1000)
+        TOC.parse(toc_json(*entries), toc_offset=1000)
 
 
 def test_not_json_and_digest_mismatch() -> None:
@@ -144,7 +134,7 @@ def test_not_json_and_digest_mismatch() -> None:
         TOC.parse(b"{not json")
     with pytest.raises(TOCError, match="no 'entries' list"):
         TOC.parse(b'{"version": 1}')
-    data = toc(reg("a", 3, 300))
+    data = toc_json(reg("a", 3, 300))
     good = "sha256:" + hashlib.sha256(data).hexdigest()
     assert TOC.parse(data, expected_digest=good).digest == good
     with pytest.raises(TOCDigestMismatch, match=f"expected {D}"):
@@ -179,13 +169,13 @@ def test_inner_offset_chunks_share_a_member() -> None:
     def d(x: bytes) -> str:
         return "sha256:" + hashlib.sha256(x).hexdigest()
 
-    toc_json = toc(
+    doc = toc_json(
         {"name": "a", "type": "reg", "size": len(a), "offset": len(head), "innerOffset": 512, "digest": d(a),
          "chunkDigest": d(a)},
         {"name": "b", "type": "reg", "size": len(b), "offset": len(head), "innerOffset": 1536, "digest": d(b),
          "chunkDigest": d(b)},
     )
-    blob = head + member + gzip.compress(_tar("stargz.index.json", toc_json)) + footer_bytes(toc_off)
+    blob = head + member + gzip.compress(_tar("stargz.index.json", doc)) + footer_bytes(toc_off)
     r = Reader.open(lambda off, n: blob[off : off + n], len(blob))
     ca, cb = r.toc.chunks
     assert (ca.blob_offset, ca.blob_end, ca.inner_offset) == (len(head), toc_off, 512)

@@ -3,7 +3,6 @@ field-by-field checks accept, and every rejection names the entry and field at f
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
@@ -12,12 +11,7 @@ from hypothesis import strategies as st
 
 from lazyd.estargz import TOC, TOCError
 from lazyd.estargz.entries import _check_raw_entry
-
-D = "sha256:" + "ab" * 32
-
-
-def toc(*entries: Any, **top: Any) -> bytes:
-    return json.dumps({"version": 1, "entries": list(entries), **top}).encode()
+from tests.support.tocs import D, toc_json
 
 
 @pytest.mark.parametrize("doc, message", [
@@ -26,17 +20,17 @@ def toc(*entries: Any, **top: Any) -> bytes:
     (b'{"version": "1", "entries": []}', "TOC version must be an integer, got '1'"),
     (b'{"version": 1.0, "entries": []}', "TOC version must be an integer, got 1.0"),
     (b'{"entries": [[1]]}', "entry 0 is a list, not an object"),
-    (toc({"name": "a", "type": "dir", "mode": True}), r"entry 0 'a': mode must be an integer, got True"),
-    (toc({"name": "a", "type": "dir", "uid": 1.5}), r"entry 0 'a': uid must be an integer, got 1.5"),
-    (toc({"name": "a", "type": "dir", "gid": -2}), r"entry 0 'a': gid is negative \(-2\)"),
-    (toc({"name": 7, "type": "dir"}), "entry 0 \\(unnamed\\): name must be a string, got 7"),
-    (toc({"name": "a", "type": "dir", "userName": None}), "entry 0 'a': userName must be a string, got None"),
-    (toc({"name": "a", "type": "dir", "xattrs": []}), "entry 0 'a': xattrs must be an object"),
-    (toc({"name": "a", "type": "dir", "xattrs": {"user.x": 1}}), "xattr 'user.x' must be a base64 string"),
-    (toc({"name": "a", "type": "dir"}, {"name": "b", "type": "reg", "digest": "sha256:AB"}),
+    (toc_json({"name": "a", "type": "dir", "mode": True}), r"entry 0 'a': mode must be an integer, got True"),
+    (toc_json({"name": "a", "type": "dir", "uid": 1.5}), r"entry 0 'a': uid must be an integer, got 1.5"),
+    (toc_json({"name": "a", "type": "dir", "gid": -2}), r"entry 0 'a': gid is negative \(-2\)"),
+    (toc_json({"name": 7, "type": "dir"}), "entry 0 \\(unnamed\\): name must be a string, got 7"),
+    (toc_json({"name": "a", "type": "dir", "userName": None}), "entry 0 'a': userName must be a string, got None"),
+    (toc_json({"name": "a", "type": "dir", "xattrs": []}), "entry 0 'a': xattrs must be an object"),
+    (toc_json({"name": "a", "type": "dir", "xattrs": {"user.x": 1}}), "xattr 'user.x' must be a base64 string"),
+    (toc_json({"name": "a", "type": "dir"}, {"name": "b", "type": "reg", "digest": "sha256:AB"}),
      "entry 1 'b': digest 'sha256:AB' is not sha256:<64 hex>"),
-    (toc({"name": "a", "type": "symlink", "linkName": ""}), "entry 0 'a': symlink is missing field 'linkName'"),
-    (toc({"name": "./x", "type": "dir", "modtime": "noon"}), "entry 0 './x': modtime 'noon' is not RFC 3339"),
+    (toc_json({"name": "a", "type": "symlink", "linkName": ""}), "entry 0 'a': symlink is missing field 'linkName'"),
+    (toc_json({"name": "./x", "type": "dir", "modtime": "noon"}), "entry 0 './x': modtime 'noon' is not RFC 3339"),
     (b'{"entries": [' * 5000, "TOC is not JSON|nested too deeply"),
     (b'{"entries": []', "TOC is not JSON"),
     (b'{"entries": ["\xff"]}', "TOC is not JSON"),
@@ -50,11 +44,11 @@ def test_first_bad_entry_is_reported_whichever_check_finds_it() -> None:
     """Entry 1 lacks a name (found after decoding), entry 2 has a bad type (found while
     decoding): the error is still about entry 1, as a field-by-field check finds it."""
     with pytest.raises(TOCError, match="entry 1 \\(unnamed\\): missing field 'name'"):
-        TOC.parse(toc({"name": "a", "type": "dir"}, {"type": "dir"}, {"name": "c", "type": "sock"}))
+        TOC.parse(toc_json({"name": "a", "type": "dir"}, {"type": "dir"}, {"name": "c", "type": "sock"}))
 
 
 def test_derived_fields_cannot_be_set_by_a_toc() -> None:
-    t = TOC.parse(toc(
+    t = TOC.parse(toc_json(
         {"name": "d", "type": "dir", "lazyd:implied": True, "lazyd:numLink": 99, "lazyd:modtime": 5.0,
          "lazyd:children": {"evil": {"name": "/etc/shadow", "type": "reg"}}},
         {"name": "f", "type": "reg", "lazyd:chunks": [], "lazyd:implied": True, "future": {"any": ["thing"]}},
@@ -85,7 +79,7 @@ _ENTRY = st.dictionaries(st.sampled_from(_KEYS), _VALUES, max_size=8)
 def test_fast_path_agrees_with_field_checks(raw: Any) -> None:
     """One entry: the decoder rejects it with the field checks' message, or both accept it
     (and then parsing fails only on layout or tree rules, never on a field)."""
-    doc = toc({"name": "", "type": "dir"}, raw)
+    doc = toc_json({"name": "", "type": "dir"}, raw)
     try:
         _check_raw_entry(1, raw)
     except TOCError as exc:

@@ -11,6 +11,7 @@ import sys
 import tarfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,12 +200,14 @@ def store(tmp_path: Path) -> Iterator[ChunkStore]:
         s.close()
 
 
-@pytest.fixture
-def worker_env(tmp_path: Path) -> Iterator[WorkerEnv]:
-    store = ChunkStore(tmp_path / "cache", 1 << 30)
-    fetcher = LocalFetcher(tmp_path / "fetcher.sock", store)
+@contextmanager
+def worker_env_in(tmp: Path) -> Iterator[WorkerEnv]:
+    """A chunk store and a running local fetcher under ``tmp``, for a worker started with ``start_worker``;
+    on leaving, the worker is shut down, everything below ``tmp`` unmounted, fetcher and store closed."""
+    store = ChunkStore(tmp / "cache", 1 << 30)
+    fetcher = LocalFetcher(tmp / "fetcher.sock", store)
     fetcher.start()
-    env = WorkerEnv(tmp_path, tmp_path / "worker", store, fetcher)
+    env = WorkerEnv(tmp, tmp / "worker", store, fetcher)
     try:
         yield env
     finally:
@@ -214,9 +217,15 @@ def worker_env(tmp_path: Path) -> Iterator[WorkerEnv]:
             except Exception:
                 pass
             env.proc.stop(timeout=10)
-        cleanup_mounts_under(tmp_path)
+        cleanup_mounts_under(tmp)
         fetcher.stop()
         store.close()
+
+
+@pytest.fixture
+def worker_env(tmp_path: Path) -> Iterator[WorkerEnv]:
+    with worker_env_in(tmp_path) as env:
+        yield env
 
 
 def read_file(path: Path) -> bytes:

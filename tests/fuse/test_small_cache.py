@@ -26,7 +26,7 @@ from lazyd.estargz.writer import DEFAULT_CHUNK_SIZE
 from tests.support.estargz_images import EStargzImage
 from tests.support.lazyd import Lazyd, unmount_all_below
 from tests.support.registry import Registry, running_registry
-from tests.support.small_cache import DiskPeak, build_image, start_small_cache_lazyd
+from tests.support.small_cache import DiskPeak, build_image, small_cache_lazyds
 
 LAYER = "sha256:" + "5c" * 32
 BIG_CHUNK = 24 * 1024 * 1024  # bigger than the whole MIN_CACHE_SIZE cap
@@ -61,24 +61,18 @@ def huge_chunks(registry: Registry, data: bytes, tmp_path_factory: pytest.TempPa
 @pytest.fixture
 def mounted(tmp_path: Path) -> Iterator[callable]:
     """``mount(image)``: a new small-cache ``lazyd serve`` with the image's layer mounted; returns it and the mountpoint."""
-    started: list[Lazyd] = []
+    with small_cache_lazyds(tmp_path) as start:
 
-    def mount(image: EStargzImage) -> tuple[Lazyd, Path]:
-        lazyd = start_small_cache_lazyd(tmp_path / f"d{len(started)}", MIN_CACHE_SIZE, "background_fetch = false")
-        started.append(lazyd)
-        mp = tmp_path / f"mnt{len(started)}"
-        mp.mkdir()
-        layer = image.layers[0]
-        with lazyd.client() as c:
-            c.mount(image.ref, layer.digest, str(mp), layer.toc_digest)
-        return lazyd, mp
+        def mount(image: EStargzImage) -> tuple[Lazyd, Path]:
+            lazyd = start(MIN_CACHE_SIZE, "background_fetch = false")
+            mp = lazyd.root.parent / "mnt"
+            mp.mkdir()
+            layer = image.layers[0]
+            with lazyd.client() as c:
+                c.mount(image.ref, layer.digest, str(mp), layer.toc_digest)
+            return lazyd, mp
 
-    try:
         yield mount
-    finally:
-        for lazyd in started:
-            lazyd.close(unmount=lazyd.root.parent)
-        unmount_all_below(tmp_path)
 
 
 def _wait_unpinned(cache: Path) -> None:

@@ -34,17 +34,7 @@ from tests.fuse.conftest import (  # noqa: F401 (worker_env is a fixture)
 from tests.fuse.fetcher import LocalLayer
 from tests.fuzz.blobs import build_blob, toc_of, with_toc, write_tar
 from tests.fuzz.conftest import PROFILE, CaseCounter, guarded
-
-D = "sha256:" + "ab" * 32
-
-
-def toc_json(*entries: dict[str, Any]) -> bytes:
-    return json.dumps({"version": 1, "entries": list(entries)}).encode()
-
-
-def reg(name: str, size: int, offset: int, **kw: Any) -> dict[str, Any]:
-    return {"name": name, "type": "reg", "size": size, "offset": offset, "digest": D, "chunkDigest": D, **kw}
-
+from tests.support.tocs import D, reg, toc_json
 
 def reader_of(blob: bytes) -> Reader:
     return Reader.open(lambda off, n: blob[off : off + n], len(blob))

@@ -3,12 +3,9 @@ and ``lazyd_dedupe_saved_*`` count the other 31."""
 
 from __future__ import annotations
 
-import threading
-
-from lazyd.api.client import Client
-from lazyd.estargz import TOC, decode_toc_member, read_footer
 from tests.daemon.conftest import via
 from tests.support.estargz_images import EStargzImage
+from tests.support.layer_fetch import fetch_concurrently, toc_of
 from tests.support.registry import Registry
 from tests.support.tcpproxy import TCPProxy
 
@@ -18,9 +15,7 @@ from .scrape import scrape
 
 def test_dedupe_saved_requests(metrics_daemon: MetricsFactory, registry: Registry, busybox: EStargzImage) -> None:
     layer = busybox.layers[1]
-    data = layer.blob.read_bytes()
-    footer = read_footer(data[-64:], len(data))
-    toc = TOC.parse(decode_toc_member(data[footer.toc_offset: len(data) - footer.size]), None, footer.toc_offset)
+    toc = toc_of(layer.blob)
     chunk = toc.file_chunks(toc.lookup("data/big.bin"))[5]
     assert chunk.blob_end is not None
     member_size = chunk.blob_end - chunk.blob_offset
@@ -28,28 +23,11 @@ def test_dedupe_saved_requests(metrics_daemon: MetricsFactory, registry: Registr
     with TCPProxy(registry.port, delay=0.05) as proxy:
         md = metrics_daemon(extra=DEMAND_ONLY)
         d = md.daemon
-        mp = d.mountpoint("l1")
-        with d.client() as c:
-            c.mount(via(busybox.ref, proxy), layer.digest, str(mp), layer.toc_digest)
+        d.mount_layer(via(busybox.ref, proxy), layer, "l1")
         before = len(proxy.range_requests(layer.digest))
         s0 = scrape(md.address)
         assert (s0.value("lazyd_dedupe_saved_requests_total"), s0.value("lazyd_dedupe_saved_bytes_total")) == (0, 0)
-        barrier = threading.Barrier(32)
-        errors: list[Exception] = []
-
-        def fetch() -> None:
-            with Client(d.socket, timeout=60) as client:
-                barrier.wait()
-                try:
-                    client.fetch(layer.digest, [(chunk.blob_offset, chunk.inner_offset)])
-                except Exception as exc:  # noqa: BLE001 - reported below
-                    errors.append(exc)
-
-        threads = [threading.Thread(target=fetch) for _ in range(32)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        errors = fetch_concurrently(d.socket, layer.digest, [(chunk.blob_offset, chunk.inner_offset)])
         assert not errors
         assert len(proxy.range_requests(layer.digest)) - before == 1
         s = scrape(md.address)

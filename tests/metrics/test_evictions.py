@@ -25,9 +25,7 @@ def test_evictions_counted_and_logged(metrics_daemon: MetricsFactory, registry: 
     md = metrics_daemon(extra=f'{DEMAND_ONLY}\nlog_format = "json"', cache_size=16 * 1024 * 1024)
     d = md.daemon
     (layer,) = image.layers
-    mp = d.mountpoint("l")
-    with d.client() as c:
-        c.mount(image.ref, layer.digest, str(mp), layer.toc_digest)
+    mp = d.mount_layer(image.ref, layer, "l")
     for name, data in files.items():
         assert (mp / name).read_bytes() == data
     s = scrape(md.address)

@@ -32,10 +32,8 @@ def test_errors_and_retries_by_kind(metrics_daemon: MetricsFactory, registry: Re
         md = metrics_daemon(extra=f'{DEMAND_ONLY}\n{NO_WINDOW}\nlog_format = "json"',
                             registry_keys="retries = 3\nbackoff = 0.05")
         d = md.daemon
-        mp = d.mountpoint("l1")
         ref = busybox.ref.replace(registry.host, proxy.host, 1)
-        with d.client() as c:
-            c.mount(ref, layer.digest, str(mp), layer.toc_digest)
+        mp = d.mount_layer(ref, layer, "l1")
         s = scrape(md.address)
         assert kinds(s, "lazyd_registry_errors_total") == {} and kinds(s, "lazyd_registry_retries_total") == {}
 

@@ -50,9 +50,7 @@ def test_scrape_during_lazy_read_matches_proxy(metrics_daemon: MetricsFactory, r
     with TCPProxy(registry.port, delay=0.01) as proxy:
         md = metrics_daemon(extra=DEMAND_ONLY)
         d = md.daemon
-        mp = d.mountpoint("l1")
-        with d.client() as c:
-            c.mount(via(busybox.ref, proxy), layer.digest, str(mp), layer.toc_digest)
+        mp = d.mount_layer(via(busybox.ref, proxy), layer, "l1")
         # The mount fetched footer and TOC: each GET of the blob is one remote_registry_get.
         s0 = scrape(md.address)
         assert s0.content_type.startswith("text/plain; version=0.0.4"), s0.content_type

@@ -17,10 +17,12 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 from lazyd.registry import Reference, RegistryClient, RegistryConfig
 from tests.registry.bounds_server import blob_bytes, blob_digest
+from tests.registry.helpers import ticker
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -48,8 +50,10 @@ async def _measure(label: str, fn: Callable[[], Awaitable[object]]) -> None:
           f"{elapsed:.2f} s", flush=True)
 
 
-async def main(offset: int, length: int) -> None:
-    size = offset + length + (1 << 20)
+@asynccontextmanager
+async def _client_of_server(size: int) -> AsyncIterator[tuple[RegistryClient, int]]:
+    """A registry client and the port of the hostile registry (tests/registry/bounds_server.py), started
+    in a subprocess with a ``size``-byte blob and stopped on leaving."""
     server = subprocess.Popen([sys.executable, "-m", "tests.registry.bounds_server", str(size)],
                               stdout=subprocess.PIPE, text=True)
     try:
@@ -57,67 +61,55 @@ async def main(offset: int, length: int) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = RegistryConfig(hosts_dir=f"{tmp}/certs.d", docker_config=f"{tmp}/none.json")
             async with RegistryClient(cfg) as c:
-                ref = Reference.parse(f"127.0.0.1:{port}/ignore-range:x")
-                await c.ping(ref)
-                want = blob_bytes(offset, length)
-
-                async def single() -> None:
-                    (got,) = await c.fetch_ranges(ref, DIGEST, [(offset, length)])
-                    assert got == want
-
-                async def double() -> None:
-                    got = await c.fetch_ranges(ref, DIGEST, [(offset, length), (1000, 10)])
-                    assert got == [want, blob_bytes(1000, 10)]
-
-                async def streamed() -> None:
-                    parts: list[bytes] = []
-
-                    async def sink(pos: int, data: bytes) -> None:
-                        parts.append(data)
-
-                    await c.stream_range(ref, DIGEST, offset, length, sink)
-                    assert b"".join(parts) == want
-
-                print(f"range {length} B at offset {offset} B of a {size} B blob, server ignores Range")
-                await _measure("fetch_ranges, one range ", single)
-                await _measure("fetch_ranges, two ranges", double)
-                await _measure("stream_range            ", streamed)
+                yield c, port
     finally:
         server.terminate()
         server.wait()
 
 
-async def _ticker(stalls: list[float]) -> None:
-    last = time.perf_counter()
-    while True:
-        await asyncio.sleep(0.001)
-        now = time.perf_counter()
-        stalls.append(now - last)
-        last = now
+async def main(offset: int, length: int) -> None:
+    size = offset + length + (1 << 20)
+    async with _client_of_server(size) as (c, port):
+        ref = Reference.parse(f"127.0.0.1:{port}/ignore-range:x")
+        await c.ping(ref)
+        want = blob_bytes(offset, length)
+
+        async def single() -> None:
+            (got,) = await c.fetch_ranges(ref, DIGEST, [(offset, length)])
+            assert got == want
+
+        async def double() -> None:
+            got = await c.fetch_ranges(ref, DIGEST, [(offset, length), (1000, 10)])
+            assert got == [want, blob_bytes(1000, 10)]
+
+        async def streamed() -> None:
+            parts: list[bytes] = []
+
+            async def sink(pos: int, data: bytes) -> None:
+                parts.append(data)
+
+            await c.stream_range(ref, DIGEST, offset, length, sink)
+            assert b"".join(parts) == want
+
+        print(f"range {length} B at offset {offset} B of a {size} B blob, server ignores Range")
+        await _measure("fetch_ranges, one range ", single)
+        await _measure("fetch_ranges, two ranges", double)
+        await _measure("stream_range            ", streamed)
 
 
 async def blob(size: int, directory: str) -> None:
     digest = blob_digest(size)
-    server = subprocess.Popen([sys.executable, "-m", "tests.registry.bounds_server", str(size)],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        port = int(server.stdout.readline())  # type: ignore[union-attr]
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg = RegistryConfig(hosts_dir=f"{tmp}/certs.d", docker_config=f"{tmp}/none.json")
-            async with RegistryClient(cfg) as c:
-                ref = Reference.parse(f"127.0.0.1:{port}/honest:x")
-                for _ in range(3):
-                    stalls: list[float] = []
-                    tick = asyncio.create_task(_ticker(stalls))
-                    t0 = time.perf_counter()
-                    n = await c.fetch_blob(ref, digest, f"{directory}/bounds-blob")
-                    elapsed = time.perf_counter() - t0
-                    tick.cancel()
-                    print(f"fetch_blob {n} B into {directory}: {elapsed:.2f} s ({n / elapsed / 2**20:.0f} MiB/s), "
-                          f"longest loop stall {max(stalls) * 1000:.1f} ms", flush=True)
-    finally:
-        server.terminate()
-        server.wait()
+    async with _client_of_server(size) as (c, port):
+        ref = Reference.parse(f"127.0.0.1:{port}/honest:x")
+        for _ in range(3):
+            stalls: list[float] = []
+            tick = asyncio.create_task(ticker(stalls, 0.001))
+            t0 = time.perf_counter()
+            n = await c.fetch_blob(ref, digest, f"{directory}/bounds-blob")
+            elapsed = time.perf_counter() - t0
+            tick.cancel()
+            print(f"fetch_blob {n} B into {directory}: {elapsed:.2f} s ({n / elapsed / 2**20:.0f} MiB/s), "
+                  f"longest loop stall {max(stalls) * 1000:.1f} ms", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import base64
 import datetime
 import ipaddress
 import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -105,6 +106,17 @@ class FrontLog:
 
 SESSION = web.AppKey("session", ClientSession)
 _HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
+
+
+async def ticker(stalls: list[float], interval: float) -> None:
+    """Sleep ``interval`` seconds again and again (until cancelled), appending to ``stalls`` how long
+    each sleep really took: a long one is the event loop stalled by something else."""
+    last = time.perf_counter()
+    while True:
+        await asyncio.sleep(interval)
+        now = time.perf_counter()
+        stalls.append(now - last)
+        last = now
 
 
 def proxy_app(upstream: str, log: FrontLog,

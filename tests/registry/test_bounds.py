@@ -34,7 +34,7 @@ from tests.support.lazyd import stop_workers, unmount_all_below
 from tests.support.registry import Registry
 
 from .bounds_server import blob_bytes, blob_digest, make_app
-from .helpers import BB, FrontLog, blob_file, config, proxy_app, run, serve
+from .helpers import BB, FrontLog, blob_file, config, proxy_app, run, serve, ticker
 
 DIGEST = "sha256:" + "ab" * 32
 MiB = 1 << 20
@@ -189,20 +189,11 @@ def test_fetch_blob_writes_off_the_event_loop(tmp_path: Path) -> None:
 
     async def main() -> None:
         stalls: list[float] = []
-
-        async def ticker() -> None:
-            last = time.perf_counter()
-            while True:
-                await asyncio.sleep(0.005)
-                now = time.perf_counter()
-                stalls.append(now - last)
-                last = now
-
         async with serve(make_app(size)) as port:
             async with RegistryClient(config(tmp_path)) as c:
                 r = Reference.parse(f"127.0.0.1:{port}/honest:x")
                 await c.ping(r)
-                tick = asyncio.create_task(ticker())
+                tick = asyncio.create_task(ticker(stalls, 0.005))
                 progress: list[int] = []
                 try:
                     assert await c.fetch_blob(r, digest, dst, progress=progress.append, size=size) == size

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from lazyd.api.client import Client
-from lazyd.estargz import BuildOptions
-from tests.support.estargz_images import EStargzImage, build_layers, push_layers
+from tests.support.estargz_images import EStargzImage, busybox_layers, push_layers
 from tests.support.images import build_busybox, layer_tars
 from tests.support.lazyd import Lazyd, start_lazyd
 from tests.support.registry import Registry, running_registry
@@ -52,8 +51,7 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Upstream]:
     work = tmp_path_factory.mktemp("scaling-upstream")
     build_busybox(work / "layout", "t", with_deletions=True)
     tars = layer_tars(work / "layout", "t", work / "tars")
-    layers = build_layers(tars[:1], work / "esgz0", BuildOptions(prioritized=["bin/busybox"], allow_missing=True))
-    layers += build_layers(tars[1:], work / "esgz1", BuildOptions(chunk_size=256 * 1024))
+    layers = busybox_layers(tars, work / "esgz")
     with running_registry(work, name="upstream") as reg:
         image = push_layers(reg.host, IMAGE, layers)
         with TCPProxy(reg.port) as counter:

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from lazyd.estargz import BuildOptions
-from tests.support.estargz_images import EStargzImage, build_layers, push_layers
+from tests.support.estargz_images import EStargzImage, busybox_layers, push_layers
 from tests.support.images import build_busybox, layer_tars
 from tests.support.lazyd import Lazyd, start_lazyd, unmount_all_below
 from tests.support.procs import Proc, wait_until
@@ -218,8 +217,7 @@ def stored(tmp_path_factory: pytest.TempPathFactory) -> Stored:
     work = tmp_path_factory.mktemp("secure-images")
     build_busybox(work / "layout", "t", with_deletions=True)
     tars = layer_tars(work / "layout", "t", work / "tars")
-    layers = build_layers(tars[:1], work / "0", BuildOptions(prioritized=["bin/busybox"], allow_missing=True))
-    layers += build_layers(tars[1:], work / "1", BuildOptions(chunk_size=256 * 1024))
+    layers = busybox_layers(tars, work)
     with running_registry(work, name="anon") as anon:
         image = push_layers(anon.host, "secure/bb:t", layers)
     return Stored(anon.root, "secure/bb:t", image)

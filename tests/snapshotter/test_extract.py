@@ -23,11 +23,9 @@ from typing import Any
 
 import pytest
 
-from lazyd.cache.store import ChunkStore
 from lazyd.snapshotter.extract import (ExtractAborted, ExtractError, ExtractStats, _check_name, cleanup_partial,
                                        extract_layer, tmp_path_for)
-from tests.fuse.conftest import WorkerEnv, _add, cleanup_mounts_under, control, make_layer
-from tests.fuse.fetcher import LocalFetcher
+from tests.fuse.conftest import WorkerEnv, _add, make_layer, worker_env_in
 
 CAP_NET_BIND = bytes.fromhex("01000002" "00040000" "00000000" "00000000" "00000000")  # v2, cap_net_bind_service
 DEEP = 120
@@ -136,11 +134,7 @@ class Mounted:
 @pytest.fixture(scope="module")
 def mounted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mounted]:
     tmp = tmp_path_factory.mktemp("extract")
-    store = ChunkStore(tmp / "cache", 1 << 30)
-    fetcher = LocalFetcher(tmp / "fetcher.sock", store)
-    fetcher.start()
-    env = WorkerEnv(tmp, tmp / "worker", store, fetcher)
-    try:
+    with worker_env_in(tmp) as env:
         tar = layer_tar(tmp / "layer.tar")
         layer = make_layer(tar, tmp / "blobs", chunk_size=1 << 20)
         env.start_worker()
@@ -150,18 +144,8 @@ def mounted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mounted]:
         snapshot(mnt)  # reads every file: every chunk is now cached and verified
         status = env.mount_status("promote")
         assert status["fetch_errors"] == 0 and status["cache_misses"] > 0, status
-        fetcher.stop()  # from here on, reads can only be served from the cache
+        env.fetcher.stop()  # from here on, reads can only be served from the cache
         yield Mounted(env, tar, mnt)
-    finally:
-        if env.proc is not None and env.proc.alive():
-            try:
-                control(env.control_sock, "worker.shutdown", timeout=10)
-            except Exception:
-                pass
-            env.proc.stop(timeout=10)
-        cleanup_mounts_under(tmp)
-        fetcher.stop()
-        store.close()
 
 
 @pytest.fixture(scope="module")

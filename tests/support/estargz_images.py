@@ -72,6 +72,14 @@ async def _push(ref: Reference, layers: list[EStargzLayer]) -> str:
         return await client.put_manifest(ref, manifest, MANIFEST_MEDIA_TYPE)
 
 
+def busybox_layers(tars: list[Path], out: Path) -> list[EStargzLayer]:
+    """The two layer tars of ``build_busybox(..., with_deletions=True)`` as eStargz under ``out``: layer 0
+    with /bin/busybox prioritized, layer 1 (with its 9 MiB random file) in 256 KiB chunks."""
+    layers = build_layers(tars[:1], out / "0", BuildOptions(prioritized=["bin/busybox"], allow_missing=True))
+    layers += build_layers(tars[1:], out / "1", BuildOptions(chunk_size=256 * 1024))
+    return layers
+
+
 def push_layers(registry_host: str, name: str, layers: list[EStargzLayer]) -> EStargzImage:
     """Push blobs, config and an OCI manifest (with TOC-digest annotations) as ``host/name``."""
     ref = Reference.parse(f"{registry_host}/{name}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -110,6 +111,15 @@ def start_lazyd(root: Path, socket: Path, log: Path, *, config: Path | None = No
         daemon.close(timeout=5)
         raise RuntimeError(f"lazyd serve exited ({daemon.proc.popen.returncode}):\n{daemon.log_text()[-4000:]}")
     return daemon
+
+
+def cached_chunks(lazyd_root: Path) -> int:
+    """Chunks in the chunk store of ``lazyd_root``, read from its SQLite index without asking the daemon."""
+    con = sqlite3.connect(f"file:{lazyd_root / 'cache' / 'cache.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        return int(con.execute("SELECT COUNT(*) FROM Cache WHERE raw = 1").fetchone()[0])
+    finally:
+        con.close()
 
 
 def worker_json_pids(lazyd_root: Path) -> list[int]:

@@ -49,6 +49,15 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (a zombie counts: it has not been reaped yet)."""
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 def shutdown_quietly(sock: socket.socket, how: int = socket.SHUT_RDWR) -> None:
     """``sock.shutdown(how)``, ignoring the error of a socket that is already closed or never connected."""
     try:

@@ -13,12 +13,14 @@ import random
 import subprocess
 import tarfile
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
 from lazyd.estargz import BuildOptions
 from tests.support.estargz_images import EStargzImage, build_layers, push_layers
-from tests.support.lazyd import Lazyd, start_lazyd
+from tests.support.lazyd import Lazyd, start_lazyd, unmount_all_below
 
 
 def random_text(rnd: random.Random, size: int) -> bytes:
@@ -61,6 +63,25 @@ def start_small_cache_lazyd(base: Path, cache_size: int, extra: str = "", tmpfs_
                       f"[registry]\nhosts_dir = \"{base / 'certs.d'}\"\nretries = 0\n")
     return start_lazyd(base / "root", base / "run" / "lazyd.sock", base / "lazyd.log", config=config,
                        args=("--log-level", "debug"), workers=1)
+
+
+@contextmanager
+def small_cache_lazyds(base: Path) -> Iterator[Callable[[int, str], Lazyd]]:
+    """``start(cache_size, extra)`` starts another ``start_small_cache_lazyd`` below ``base``; on leaving,
+    each is closed (with its mounts) and everything still mounted below ``base`` is unmounted."""
+    started: list[Lazyd] = []
+
+    def start(cache_size: int, extra: str) -> Lazyd:
+        lazyd = start_small_cache_lazyd(base / f"d{len(started)}", cache_size, extra)
+        started.append(lazyd)
+        return lazyd
+
+    try:
+        yield start
+    finally:
+        for lazyd in started:
+            lazyd.close(unmount=lazyd.root.parent)
+        unmount_all_below(base)
 
 
 def used_bytes(path: Path) -> int:
