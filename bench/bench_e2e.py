@@ -83,6 +83,7 @@ WORKLOADS = {
               "xml.dom.minidom, sqlite3, decimal, unittest, argparse, csv, zipfile, tarfile, ssl, urllib.request, "
               "concurrent.futures, multiprocessing, pydoc; print(\"hello\")"),
 }
+CONTAINER_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}  # the image's Env
 PROXY_SNAPSHOTTER = "lazyd"  # the name start_containerd gives its proxy plugin (whichever daemon serves it)
 SYSTEMS = ("lazyd", "reference")
 VARIANTS = ("lazyctl", "lazyctl-prio", "ctr-remote", "optimize")
@@ -252,7 +253,12 @@ def startup_files(layout: Path, work: Path) -> list[str]:
     sh("umoci", "unpack", "--image", f"{layout}:latest", bundle)
     rootfs = bundle / "rootfs"
     trace = work / "strace.txt"
-    sh("strace", "-f", "-qq", "-o", trace, "-e", "trace=openat,open,execve", "chroot", rootfs, *CMD)
+    # The container's environment, not this shell's: a LANG from the host makes `ls` open locale
+    # files that it does not open in the container (ctr run gives it the image's Env: PATH only).
+    argv = ["strace", "-f", "-qq", "-o", str(trace), "-e", "trace=openat,open,execve", "chroot", str(rootfs), *CMD]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=CONTAINER_ENV)
+    if proc.returncode != 0:
+        raise BenchError(f"{' '.join(argv)} exited {proc.returncode}:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     files: list[str] = []
     seen: set[str] = set()
 
