@@ -83,7 +83,8 @@ WORKLOADS = {
               "xml.dom.minidom, sqlite3, decimal, unittest, argparse, csv, zipfile, tarfile, ssl, urllib.request, "
               "concurrent.futures, multiprocessing, pydoc; print(\"hello\")"),
 }
-CONTAINER_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}  # the image's Env
+# What the workload sees under `ctr run`: the image's Env (PATH) plus the HOME that runc sets.
+CONTAINER_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
 PROXY_SNAPSHOTTER = "lazyd"  # the name start_containerd gives its proxy plugin (whichever daemon serves it)
 SYSTEMS = ("lazyd", "reference")
 VARIANTS = ("lazyctl", "lazyctl-prio", "ctr-remote", "optimize")
@@ -254,7 +255,7 @@ def startup_files(layout: Path, work: Path) -> list[str]:
     rootfs = bundle / "rootfs"
     trace = work / "strace.txt"
     # The container's environment, not this shell's: a LANG from the host makes `ls` open locale
-    # files that it does not open in the container (ctr run gives it the image's Env: PATH only).
+    # files that it does not open in the container (CONTAINER_ENV).
     argv = ["strace", "-f", "-qq", "-o", str(trace), "-e", "trace=openat,open,execve", "chroot", str(rootfs), *CMD]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=CONTAINER_ENV)
     if proc.returncode != 0:
