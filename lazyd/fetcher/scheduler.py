@@ -504,9 +504,9 @@ class Scheduler:
                         trace: Trace | None = None) -> None:
         """One (multi-)range request for ``mine``; verify and store; settle their futures.
 
-        A single range is streamed: each member is stored and its waiters released as soon
-        as its bytes are in, so a read of the first file of a long prefetch need not wait for
-        the last one.
+        The answer is streamed (one range or several): each member is stored and its waiters
+        released as soon as its bytes are in, so a read of the first file of a long prefetch
+        need not wait for the last one.
         """
         runs = coalesce(mine, limit)
         ranges = [(run[0].blob_offset, run[-1].blob_end - run[0].blob_offset) for run in runs]
@@ -522,17 +522,13 @@ class Scheduler:
         try:
             counters.in_flight += 1
             try:
-                if len(runs) == 1:
-                    own = [i for i, m in enumerate(runs[0]) if (layer.digest, m.blob_offset) not in self._neighbours]
-                    urgent = (own[0], own[-1] + 1) if trace is not None and own else None
-                    bad = await self._stream(layer, runs[0], priority, trace, urgent)
-                else:
-                    parts = await self.client.fetch_ranges(layer.ref, layer.digest, ranges)
-                    received = sum(len(p) for p in parts)
-                    counters.add_bytes(priority, received)
-                    self.metrics.fetched(priority, layer.digest, received)
-                    bad = await self.in_store_thread(self._store, layer, runs, parts)
-                    del parts
+                urgent: list[tuple[int, int]] | None = None
+                if trace is not None:
+                    urgent = []
+                    for run in runs:
+                        own = [i for i, m in enumerate(run) if (layer.digest, m.blob_offset) not in self._neighbours]
+                        urgent.append((own[0], own[-1] + 1) if own else (0, 0))
+                bad = await self._stream(layer, runs, priority, trace, urgent)
             except RegistryError as exc:
                 raise registry_error(exc) from None
             finally:
@@ -594,36 +590,39 @@ class Scheduler:
                 self.metrics.registry_errors["digest"] += 1
         return bad
 
-    async def _stream(self, layer: Layer, run: list[Member], priority: str, trace: Trace | None = None,
-                      urgent: tuple[int, int] | None = None) -> dict[int, ApiError]:
-        """Stream one run of adjacent members; store and settle each as soon as it is complete.
+    async def _stream(self, layer: Layer, runs: list[list[Member]], priority: str, trace: Trace | None = None,
+                      urgent: list[tuple[int, int]] | None = None) -> dict[int, ApiError]:
+        """Stream runs of adjacent members (one range GET, or one multi-range GET for several);
+        store and settle each member as soon as its bytes are complete.
 
-        ``urgent`` (a demand fetch's own members, ``run[lo:hi]``) are stored apart from their
-        neighbours, on the event loop as soon as their bytes are in when small (no queue, no
-        thread hop), so their reader waits for neither neighbours nor a thread.
+        ``urgent`` (per run, a demand fetch's own members ``run[lo:hi]``) are stored apart from
+        their neighbours, on the event loop as soon as their bytes are in when small (no queue,
+        no thread hop), so their reader waits for neither neighbours nor a thread.  The client
+        hands each run's bytes over in order and once (a retry resumes after what was sent).
         """
-        lo_urgent, hi_urgent = urgent or (0, 0)
         bad: dict[int, ApiError] = {}
         ready: asyncio.Queue[tuple[list[Member], bytes] | None] = asyncio.Queue()
-        buf = bytearray()
-        buf_start = run[0].blob_offset
-        next_member = 0
+        bufs = [bytearray() for _ in runs]
+        buf_start = [run[0].blob_offset for run in runs]
+        next_member = [0] * len(runs)
 
-        async def sink(_pos: int, data: bytes) -> None:
-            nonlocal buf_start, next_member
+        async def sink(r: int, _pos: int, data: bytes) -> None:
             if trace is not None and not trace.first_byte:
                 trace.first_byte = asyncio.get_running_loop().time()
+            run, buf = runs[r], bufs[r]
+            lo_urgent, hi_urgent = urgent[r] if urgent else (0, 0)
             buf.extend(data)
-            first = next_member
-            while next_member < len(run) and run[next_member].blob_end <= buf_start + len(buf):
-                next_member += 1
-            if next_member > first:
-                bounds = sorted({first, next_member} | {b for b in (lo_urgent, hi_urgent) if first < b < next_member})
+            first = next_member[r]
+            while next_member[r] < len(run) and run[next_member[r]].blob_end <= buf_start[r] + len(buf):
+                next_member[r] += 1
+            if next_member[r] > first:
+                bounds = sorted({first, next_member[r]}
+                                | {b for b in (lo_urgent, hi_urgent) if first < b < next_member[r]})
                 for lo, hi in zip(bounds, bounds[1:]):
-                    cut = run[hi - 1].blob_end - buf_start
+                    cut = run[hi - 1].blob_end - buf_start[r]
                     data = bytes(buf[:cut])
                     del buf[:cut]
-                    buf_start += cut
+                    buf_start[r] += cut
                     layer.counters.add_bytes(priority, cut)
                     self.metrics.fetched(priority, layer.digest, cut)
                     if lo_urgent <= lo and hi <= hi_urgent and len(data) <= _INLINE_STORE:
@@ -645,8 +644,9 @@ class Scheduler:
 
         consumer = asyncio.create_task(store_ready())
         try:
-            await self.client.stream_range(layer.ref, layer.digest, run[0].blob_offset,
-                                           run[-1].blob_end - run[0].blob_offset, sink)
+            await self.client.stream_ranges(layer.ref, layer.digest,
+                                            [(run[0].blob_offset, run[-1].blob_end - run[0].blob_offset)
+                                             for run in runs], sink)
         finally:
             ready.put_nowait(None)
             await asyncio.shield(consumer)

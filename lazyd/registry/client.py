@@ -66,6 +66,8 @@ WRITE_BATCH = 4 * 1024 * 1024
 """Bytes ``fetch_blob`` gathers before handing them to a worker thread to hash and write."""
 _READ_CHUNK = 1 << 20
 ProgressFn = Callable[[int], None]
+RangeSink = Callable[[int, int, bytes], Awaitable[None]]
+"""``sink(range_index, blob_offset, data)`` of ``RegistryClient.stream_ranges``."""
 ERROR_KINDS = ("unreachable", "tls", "unauthorized", "not_found", "throttled", "server", "range", "body",
                "too_large", "digest", "http")
 """Kinds of failed attempts a ``RegistryObserver`` hears of: no answer (connection, timeout), TLS,
@@ -153,41 +155,85 @@ class _Response:
                 raise ResponseTooLargeError(f"{self.endpoint.describe()} answered {what} with more than {limit} "
                                             f"bytes; at most {limit} are allowed{allowed}")
 
-    async def collect(self, base: int, ranges: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
-        """Pick ``(offset, length)`` ranges of the blob out of a body that starts at blob offset ``base``.
-
-        For a registry that ignores ``Range`` (200, ``base`` 0) or sends one span for several
-        ranges: bytes before and between the ranges are discarded as they arrive, and the read
-        stops after the last byte wanted (dropping the connection), so memory is the sum of the
-        lengths, not the last offset.  A range the body ends inside comes back short; one
-        starting before ``base`` is left out.
-        """
-        todo = sorted(r for r in set(ranges) if r[0] >= base)
-        bufs = {r: bytearray() for r in todo}
-        stop = max((o + n for o, n in todo), default=base)
-        at, first = base, 0  # todo[:first] are complete
-        while at < stop:
-            data = await self.resp.content.read(min(_READ_CHUNK, stop - at))
-            if not data:
-                break
-            self._client._received(len(data))
-            end = at + len(data)
-            view = memoryview(data)
-            for i in range(first, len(todo)):
-                off, length = todo[i]
-                if off >= end:
-                    break
-                if off + length > at:
-                    bufs[todo[i]] += view[max(off, at) - at : min(off + length, end) - at]
-            at = end
-            while first < len(todo) and sum(todo[first]) <= at:
-                first += 1
-        if not self.resp.content.at_eof():
-            self.resp.close()  # the rest is not wanted: do not read it to reuse the connection
-        return {r: bytes(buf) for r, buf in bufs.items()}
-
     def close(self) -> None:
         self.resp.release()
+
+
+class _Body:
+    """A response body read in pieces: lines (multipart delimiters and part headers) and spans of
+    blob bytes handed to a ``RangeSink``; with ``limit`` set, more bytes raise ResponseTooLargeError."""
+
+    def __init__(self, resp: _Response, client: "RegistryClient") -> None:
+        self._resp = resp
+        self._client = client
+        self._buf = bytearray()  # read ahead of a line's end, not consumed yet
+        self._left: int | None = None
+        self._limit = (0, "", "")
+
+    def limit(self, limit: int, what: str, allowed: str) -> None:
+        """From now on at most ``limit`` bytes may be read (``what``/``allowed`` name it in the error)."""
+        self._left = limit
+        self._limit = (limit, what, allowed)
+
+    async def _read(self, n: int) -> bytes:
+        if self._left is not None:
+            n = min(n, self._left + 1)
+        data = await self._resp.resp.content.read(n)
+        self._client._received(len(data))
+        if self._left is not None:
+            self._left -= len(data)
+            if self._left < 0:
+                limit, what, allowed = self._limit
+                self._resp.resp.close()
+                self._client.observer.error("too_large")
+                raise ResponseTooLargeError(f"{self._resp.endpoint.describe()} answered {what} with more than "
+                                            f"{limit} bytes; at most {limit} are allowed{allowed}")
+        return data
+
+    async def drain(self) -> None:
+        """Read (and drop) the rest of the body, within the limit."""
+        self._buf.clear()
+        while await self._read(_READ_CHUNK):
+            pass
+
+    async def line(self) -> bytes | None:
+        """The next line with its end; the rest of the body if it ends without one; None at the end."""
+        scanned = 0
+        while (nl := self._buf.find(b"\n", scanned)) < 0:
+            scanned = len(self._buf)
+            data = await self._read(_READ_CHUNK)
+            if not data:
+                if not self._buf:
+                    return None
+                nl = len(self._buf) - 1
+                break
+            self._buf += data
+        line = bytes(self._buf[: nl + 1])
+        del self._buf[: nl + 1]
+        return line
+
+    async def span(self, start: int, length: int, ranges: list[tuple[int, int]], targets: list[int],
+                   sink: "RangeSink") -> None:
+        """Read ``length`` bytes that are the blob from ``start`` on, passing the slices of
+        ``ranges[i] for i in targets`` to ``sink`` as they arrive (the rest is dropped); stops
+        early where the body ends."""
+        at, end = start, start + length
+        while at < end:
+            if self._buf:
+                data = bytes(self._buf[: end - at])
+                del self._buf[: len(data)]
+            else:
+                data = await self._read(min(_READ_CHUNK, end - at))
+                if not data:
+                    return
+            nxt = at + len(data)
+            for i in targets:
+                off, n = ranges[i]
+                lo, hi = max(off, at), min(off + n, nxt)
+                if lo < hi:
+                    await sink(i, lo, data[lo - at : hi - at])
+            at = nxt
+
 
 
 class RegistryClient:
@@ -707,35 +753,158 @@ class RegistryClient:
     async def fetch_ranges(self, ref: Reference, digest: str, ranges: list[tuple[int, int]]) -> list[bytes]:
         """Bytes of each ``(offset, length)`` range of a blob, in the order asked.
 
-        Several ranges go in one multi-range request when the registry supports it;
-        otherwise (or when it ignores ``Range`` and sends the whole blob) the client
-        falls back to single ranges, reading no further than the last byte needed.
+        ``stream_ranges`` collected into memory: several ranges go in one multi-range request
+        when the registry supports it; otherwise (or when it ignores ``Range`` and sends the
+        whole blob) single ranges, reading no further than the last byte needed.
+        """
+        validate_digest(digest)
+        if not ranges:
+            return []
+        wanted = sorted(set(ranges))
+        bufs = [bytearray() for _ in wanted]
+
+        async def sink(i: int, _pos: int, data: bytes) -> None:
+            bufs[i] += data
+
+        await self.stream_ranges(ref, digest, wanted, sink)
+        got = {r: bytes(b) for r, b in zip(wanted, bufs)}
+        bufs.clear()
+        return [got[r] for r in ranges]
+
+    async def stream_ranges(self, ref: Reference, digest: str, ranges: list[tuple[int, int]],
+                            sink: RangeSink) -> None:
+        """Deliver ``(offset, length)`` ranges of a blob to ``await sink(index, blob_offset, data)``
+        as their bytes arrive (``index`` into ``ranges``), each range's bytes in order and once.
+
+        Up to ``max_ranges_per_request`` ranges go in one multi-range GET whose
+        multipart/byteranges answer is parsed as it streams in (parts in any order; a part
+        feeds every asked range that lies inside it).  The body is bounded by the bytes asked
+        plus ``MULTIPART_PART_OVERHEAD`` per part; a 200 (Range ignored) or single-span 206 is
+        read up to the last byte wanted.  Retries restart only what is not complete: a range
+        the answer left out or broke off inside is resumed from its next missing byte with
+        ``stream_range`` (which retries itself), so ``sink`` never sees a byte twice.
         """
         validate_digest(digest)
         for off, length in ranges:
             if off < 0 or length <= 0:
                 raise ValueError(f"invalid range (offset={off}, length={length}) for blob {digest}")
         if not ranges:
-            return []
-        wanted = sorted(set(ranges))
-        got: dict[tuple[int, int], bytes] = {}
-        if len(wanted) == 1 or ref.registry in self._single_range_only:
-            await self._fetch_singles(ref, digest, wanted, got)
-        else:
-            n = max(1, self.config.max_ranges_per_request)
-            batches = [wanted[i : i + n] for i in range(0, len(wanted), n)]
-            await asyncio.gather(*(self._fetch_multi(ref, digest, b, got) for b in batches))
-        return [got[r] for r in ranges]
+            return
+        done = [0] * len(ranges)  # bytes delivered per range
 
-    async def _fetch_singles(self, ref: Reference, digest: str, wanted: list[tuple[int, int]],
-                             got: dict[tuple[int, int], bytes]) -> None:
+        async def counted(i: int, pos: int, data: bytes) -> None:
+            done[i] += len(data)
+            await sink(i, pos, data)
+
+        order = sorted(range(len(ranges)), key=lambda i: ranges[i])
+        if len(ranges) > 1 and ref.registry not in self._single_range_only:
+            n = max(1, self.config.max_ranges_per_request)
+            batches = [order[i : i + n] for i in range(0, len(order), n)]
+            await _all([self._stream_multi(ref, digest, ranges, b, counted) for b in batches])
+        rest = [i for i in order if done[i] < ranges[i][1]]
+        if not rest:
+            return
         sem = asyncio.Semaphore(max(1, self.config.max_connections_per_host))
 
-        async def one(r: tuple[int, int]) -> None:
+        async def one(i: int) -> None:
+            off, length = ranges[i]
             async with sem:
-                got[r] = await self._fetch_single(ref, digest, r)
+                await self.stream_range(ref, digest, off + done[i], length - done[i],
+                                        lambda pos, data: counted(i, pos, data))
 
-        await asyncio.gather(*(one(r) for r in wanted))
+        await _all([one(i) for i in rest])
+
+    async def _stream_multi(self, ref: Reference, digest: str, ranges: list[tuple[int, int]], batch: list[int],
+                            sink: RangeSink) -> None:
+        """One multi-range GET for ``ranges[i] for i in batch``; what it leaves incomplete (the
+        registry refused, the body broke off, a range is missing) is the caller's to resume."""
+        if len(batch) == 1:
+            return
+        spec = ",".join(f"{ranges[i][0]}-{ranges[i][0] + ranges[i][1] - 1}" for i in batch)
+        what = f"{len(batch)} ranges of blob {digest} in {ref.name}"
+        try:
+            resp = await self._call(ref.registry, ref.repository, "GET", f"/{ref.repository}/blobs/{digest}",
+                                    capability=CAP_PULL, headers={"Range": f"bytes={spec}"}, ok=(200, 206), what=what)
+        except RangeNotSupportedError:
+            self._single_range_only.add(ref.registry)
+            return
+        except RegistryError as exc:
+            if isinstance(exc, (NotFoundError, UnauthorizedError, UnreachableError)):
+                raise
+            log.debug("multi-range GET refused by %s (%s); using single ranges", ref.registry, exc)
+            self._single_range_only.add(ref.registry)
+            return
+        complete = False
+        try:
+            complete = await self._read_parts(resp, ranges, batch, what, sink)
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
+                asyncio.TimeoutError) as exc:
+            self.observer.error("body")
+            log.debug("multi-range answer broke off (%s); resuming with single ranges", type(exc).__name__)
+        finally:
+            if complete and resp.resp.content.at_eof():
+                resp.close()
+            else:
+                resp.resp.close()  # a partial read: do not return the connection to the pool
+
+    async def _read_parts(self, resp: _Response, ranges: list[tuple[int, int]], batch: list[int], what: str,
+                          sink: RangeSink) -> bool:
+        """Stream the ranges ``batch`` of ``ranges`` out of the answer to a multi-range GET; True
+        when the whole body was read.  Ranges may be left missing or short (the caller resumes them).
+
+        A multipart answer may carry the asked bytes plus ``MULTIPART_PART_OVERHEAD`` per part;
+        a 200 (Range ignored) or a single 206 span is read up to the last byte wanted.
+        """
+        ctype = resp.headers.get("Content-Type", "")
+        body = _Body(resp, self)
+        if resp.status == 200 or not ctype.startswith("multipart/byteranges"):
+            base = 0 if resp.status == 200 else _content_range_start(resp.headers.get("Content-Range"), what)
+            targets = [i for i in batch if ranges[i][0] >= base]
+            stop = max((sum(ranges[i]) for i in targets), default=base)
+            await body.span(base, stop - base, ranges, targets, sink)
+            return True  # the connection is reused only if the body ended there too
+        asked = sum(ranges[i][1] for i in batch)
+        overhead = (len(batch) + 1) * MULTIPART_PART_OVERHEAD
+        allowed = f" ({asked} bytes asked for plus {overhead} of multipart delimiters and part headers)"
+        resp.check_length(asked + overhead, what, allowed)
+        body.limit(asked + overhead, what, allowed)
+        delim = f"--{_boundary(ctype)}".encode()
+        taken: set[int] = set()  # ranges a part has been (or is being) read for
+        while True:
+            line = await body.line()
+            if line is None:
+                self.observer.error("range")
+                log.debug("multipart answer to %s ended without its closing delimiter", what)
+                return False
+            line = line.rstrip()
+            if line == delim + b"--":
+                await body.drain()  # the epilogue (a CRLF), so that the connection can be reused
+                return True
+            if line != delim:
+                continue  # preamble, or the CRLF ending a part's data
+            crange = None
+            while (header := await body.line()) not in (None, b"\r\n", b"\n", b""):
+                name, _, value = header.decode("latin-1").partition(":")
+                if name.strip().lower() == "content-range":
+                    crange = value.strip()
+            if header is None:
+                self.observer.error("range")
+                log.debug("multipart answer to %s ended inside part headers", what)
+                return False
+            m = _CONTENT_RANGE.match(crange or "")
+            if not m or int(m.group(2)) < int(m.group(1)):
+                self.observer.error("range")
+                raise RangeNotSupportedError(f"{resp.endpoint.describe()} sent a multipart part with Content-Range "
+                                             f"{crange!r} in answer to {what}")
+            start, length = int(m.group(1)), int(m.group(2)) - int(m.group(1)) + 1
+            targets = [i for i in batch if i not in taken
+                       and start <= ranges[i][0] and sum(ranges[i]) <= start + length]
+            if not targets:
+                self.observer.error("range")
+                log.debug("multipart part %s in answer to %s matches no range asked for (or one already "
+                          "sent); skipped", crange, what)
+            taken.update(targets)
+            await body.span(start, length, ranges, targets, sink)
 
     async def _with_body_retries(self, what: str, fn: Callable[[], Awaitable[Any]], registry: str) -> Any:
         """Run ``fn`` (a request plus body read); retry when the body breaks off mid-way."""
@@ -754,30 +923,6 @@ class RegistryClient:
                                attempts - 1, registry)
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
-
-    async def _fetch_single(self, ref: Reference, digest: str, r: tuple[int, int]) -> bytes:
-        off, length = r
-        what = f"range {off}+{length} of blob {digest} in {ref.name}"
-
-        async def attempt() -> bytes:
-            resp = await self._call(ref.registry, ref.repository, "GET", f"/{ref.repository}/blobs/{digest}",
-                                    capability=CAP_PULL, headers={"Range": f"bytes={off}-{off + length - 1}"},
-                                    ok=(200, 206), what=what)
-            try:
-                # 200: the registry ignored Range; skip to ``off`` without keeping what comes before.
-                start = 0 if resp.status == 200 else _content_range_start(resp.headers.get("Content-Range"), what)
-                if start > off:
-                    self.observer.error("range")
-                    raise RangeNotSupportedError(f"{resp.endpoint.describe()} answered {what} with bytes from {start}")
-                return (await resp.collect(start, [r]))[r]
-            finally:
-                resp.close()
-
-        data = await self._with_body_retries(what, attempt, ref.registry)
-        if len(data) != length:
-            self.observer.error("range")
-            raise RangeNotSupportedError(f"{what}: got {len(data)} bytes (range past the end of the blob?)")
-        return data
 
     async def stream_range(self, ref: Reference, digest: str, offset: int, length: int,
                            sink: Callable[[int, bytes], Awaitable[None]]) -> None:
@@ -807,7 +952,8 @@ class RegistryClient:
                     data = await resp.resp.content.read(min(1 << 18, end - at))
                     if not data:
                         self.observer.error("range")
-                        raise RangeNotSupportedError(f"{what}: the body ended at byte {at} of the blob")
+                        raise RangeNotSupportedError(f"{what}: the body ended at byte {at} of the blob, bytes "
+                                                     f"{pos}-{end - 1} missing (range past the end of the blob?)")
                     self._received(len(data))
                     lo, at = max(pos - at, 0), at + len(data)
                     if at > pos:
@@ -830,66 +976,6 @@ class RegistryClient:
                     resp.resp.close()  # a partial read: do not return the connection to the pool
                 else:
                     resp.close()
-
-    async def _fetch_multi(self, ref: Reference, digest: str, batch: list[tuple[int, int]],
-                           got: dict[tuple[int, int], bytes]) -> None:
-        if len(batch) == 1 or ref.registry in self._single_range_only:
-            await self._fetch_singles(ref, digest, batch, got)
-            return
-        spec = ",".join(f"{o}-{o + n - 1}" for o, n in batch)
-        what = f"{len(batch)} ranges of blob {digest} in {ref.name}"
-        try:
-            resp = await self._call(ref.registry, ref.repository, "GET", f"/{ref.repository}/blobs/{digest}",
-                                    capability=CAP_PULL, headers={"Range": f"bytes={spec}"}, ok=(200, 206), what=what)
-        except RangeNotSupportedError:
-            self._single_range_only.add(ref.registry)
-            await self._fetch_singles(ref, digest, batch, got)
-            return
-        except RegistryError as exc:
-            if isinstance(exc, (NotFoundError, UnauthorizedError, UnreachableError)):
-                raise
-            log.debug("multi-range GET refused by %s (%s); using single ranges", ref.registry, exc)
-            self._single_range_only.add(ref.registry)
-            await self._fetch_singles(ref, digest, batch, got)
-            return
-        try:
-            parts = await self._read_parts(resp, batch, what)
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
-                asyncio.TimeoutError) as exc:
-            log.debug("multi-range answer broke off (%s); using single ranges with retries", type(exc).__name__)
-            parts = {}
-        missing = []
-        for r in batch:
-            data = parts.get(r)
-            if data is not None and len(data) == r[1]:
-                got[r] = data
-            else:
-                missing.append(r)
-        if missing:
-            await self._fetch_singles(ref, digest, missing, got)
-
-    async def _read_parts(self, resp: _Response, batch: list[tuple[int, int]],
-                          what: str) -> dict[tuple[int, int], bytes]:
-        """The ranges of ``batch`` found in the answer to a multi-range GET (some may be missing or short).
-
-        A multipart answer may carry the asked bytes plus ``MULTIPART_PART_OVERHEAD`` per part;
-        a 200 (Range ignored) or a single 206 span is streamed, keeping only the wanted bytes.
-        """
-        try:
-            ctype = resp.headers.get("Content-Type", "")
-            if resp.status == 200:
-                return await resp.collect(0, batch)
-            if ctype.startswith("multipart/byteranges"):
-                asked = sum(n for _, n in batch)
-                overhead = (len(batch) + 1) * MULTIPART_PART_OVERHEAD
-                allowed = f" ({asked} bytes asked for plus {overhead} of multipart delimiters and part headers)"
-                resp.check_length(asked + overhead, what, allowed)
-                body = await resp.read(asked + overhead, what, allowed)
-                return _pick_ranges(_parse_multipart(body, _boundary(ctype), what), batch)
-            start = _content_range_start(resp.headers.get("Content-Range"), what)
-            return await resp.collect(start, batch)
-        finally:
-            resp.close()
 
     # -- public API: push --------------------------------------------------------------
 
@@ -1084,6 +1170,18 @@ def _error_detail(body: bytes) -> str:
         return ""
 
 
+async def _all(coros: list[Awaitable[None]]) -> None:
+    """Run ``coros`` concurrently; the first to fail cancels the others (which feed the same sink,
+    so none goes on after the caller has seen the error) and its exception is raised."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def _content_range_start(value: str | None, what: str) -> int:
     m = _CONTENT_RANGE.match(value or "")
     if not m:
@@ -1096,42 +1194,3 @@ def _boundary(content_type: str) -> str:
     if not m:
         raise RangeNotSupportedError(f"multipart answer without a boundary: {content_type!r}")
     return m.group(1)
-
-
-def _pick_ranges(parts: list[tuple[int, bytes]], batch: list[tuple[int, int]]) -> dict[tuple[int, int], bytes]:
-    """Each ``(offset, length)`` of ``batch`` that lies inside one of the ``(start, data)`` parts."""
-    out: dict[tuple[int, int], bytes] = {}
-    for r in batch:
-        off, length = r
-        for start, data in parts:
-            if start <= off and off + length <= start + len(data):
-                out[r] = data[off - start : off - start + length]
-                break
-    return out
-
-
-def _parse_multipart(body: bytes, boundary: str, what: str) -> list[tuple[int, bytes]]:
-    """Split a multipart/byteranges body into (start, data) parts using each part's Content-Range."""
-    delim = f"--{boundary}".encode()
-    parts: list[tuple[int, bytes]] = []
-    pos = body.find(delim)
-    while pos >= 0:
-        pos += len(delim)
-        if body[pos : pos + 2] == b"--":
-            break
-        head_end = body.find(b"\r\n\r\n", pos)
-        if head_end < 0:
-            raise RangeNotSupportedError(f"truncated multipart answer to {what}")
-        headers = body[pos:head_end].decode("latin-1").split("\r\n")
-        crange = next((h.split(":", 1)[1].strip() for h in headers if h.lower().startswith("content-range:")), None)
-        m = _CONTENT_RANGE.match(crange or "")
-        if not m:
-            raise RangeNotSupportedError(f"multipart part without Content-Range in answer to {what}")
-        start, end = int(m.group(1)), int(m.group(2))
-        data_start = head_end + 4
-        data = body[data_start : data_start + end - start + 1]
-        if len(data) != end - start + 1:
-            raise RangeNotSupportedError(f"truncated multipart part in answer to {what}")
-        parts.append((start, data))
-        pos = body.find(delim, data_start + len(data))
-    return parts
