@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from lazyd.cli.output import fail, format_table, human_bytes, print_json, progress
 from lazyd.cli.registry import add_global
+from lazyd.cli.workload_args import WorkloadUsageError, add_workload_args, workload_from_args
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -126,18 +127,7 @@ def _register_optimize(isub: argparse._SubParsersAction) -> None:  # noqa: SLF00
     p.add_argument("src", metavar="SRC", help="source image reference")
     p.add_argument("dst", metavar="DST", help="destination image reference (with a tag)")
     p.add_argument("--plain-http", action="store_true", help="allow plain HTTP for the hosts of SRC and DST")
-    p.add_argument("--entrypoint", metavar="JSON", help='entrypoint of the workload, e.g. \'["python3"]\' '
-                                                         "(default: the image's Entrypoint)")
-    p.add_argument("--args", metavar="JSON", help="arguments of the workload, e.g. '[\"-c\", \"print(1)\"]' "
-                                                  "(default: the image's Cmd)")
-    p.add_argument("--env", metavar="K=V", action="append", default=[],
-                   help="environment variable for the workload (repeatable; replaces the image's of that name)")
-    p.add_argument("--cwd", metavar="DIR", help="working directory of the workload (default: the image's)")
-    p.add_argument("--period", metavar="SECONDS", type=float, default=10.0,
-                   help="stop the workload after this long (default 10); what it opened until then counts")
-    p.add_argument("--network", action="store_true", help="give the workload the host's network (default: none)")
-    p.add_argument("--record-out", metavar="FILE", type=Path,
-                   help="write the profile as JSON lines (the reference's record format, ctr-remote --record-in)")
+    add_workload_args(p, "write the profile as JSON lines (the reference's record format, ctr-remote --record-in)")
     p.add_argument("--prioritized-only", metavar="FILE", type=Path,
                    help="use this record (ours or from ctr-remote image optimize --record-out) and run nothing")
     p.add_argument("--chunk-size", metavar="N", type=int, help="eStargz chunk size in bytes")
@@ -154,43 +144,22 @@ class _UsageError(Exception):
     """A bad option value (exit status 2)."""
 
 
-def _json_list(text: str | None, option: str) -> list[str] | None:
-    import json
-
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise _UsageError(f"{option}: not JSON ({exc.msg}): {text!r}") from None
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _UsageError(f"{option}: expected a JSON list of strings, got {text!r}")
-    return value
-
-
 def _optimize(args: argparse.Namespace) -> int:
     import asyncio
 
     from lazyd.convert import ConvertError
     from lazyd.profile.records import RecordError
-    from lazyd.profile.workload import Workload, WorkloadError
+    from lazyd.profile.workload import WorkloadError
     from lazyd.registry import Reference, RegistryConfig, RegistryError
 
     try:
         src, dst = Reference.parse(args.src), Reference.parse(args.dst)
         if dst.tag is None:
             raise _UsageError(f"destination {dst} needs a tag")
-        if args.period <= 0:
-            raise _UsageError("--period must be a positive number of seconds")
         if args.chunk_size is not None and args.chunk_size <= 0:
             raise _UsageError("--chunk-size must be a positive number of bytes")
-        for item in args.env:
-            if "=" not in item or item.startswith("="):
-                raise _UsageError(f"--env {item!r}: expected KEY=VALUE")
-        workload = Workload(entrypoint=_json_list(args.entrypoint, "--entrypoint"),
-                            args=_json_list(args.args, "--args"), env=list(args.env), cwd=args.cwd,
-                            period=args.period, network=args.network)
-    except (_UsageError, RegistryError) as exc:
+        workload = workload_from_args(args)
+    except (_UsageError, WorkloadUsageError, RegistryError) as exc:
         return fail(str(exc), 2)
     cfg = RegistryConfig()
     if args.hosts_dir:

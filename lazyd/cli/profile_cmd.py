@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
 import sys
 from pathlib import Path
@@ -19,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from lazyd.cli.lazyctl import DEFAULT_SOCKET
 from lazyd.cli.output import fail, human_bytes, print_json, print_table
+from lazyd.cli.image_cmd import add_registry_args
 from lazyd.cli.registry import add_global
+from lazyd.cli.workload_args import WorkloadUsageError, add_workload_args, workload_from_args
 
 if TYPE_CHECKING:
     from lazyd.registry import Reference, RegistryConfig
@@ -32,8 +33,7 @@ def _common(p: argparse.ArgumentParser, registry: bool = False) -> None:
     add_global(p, "json", default=False, help="one JSON document for scripts")
     if registry:
         p.add_argument("--plain-http", action="store_true", help="allow plain HTTP for the image's registry")
-        p.add_argument("--hosts-dir", metavar="DIR", default=None,
-                       help="containerd-style hosts dir with <host>/hosts.toml (default /etc/containerd/certs.d)")
+        add_registry_args(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
@@ -47,14 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
                                     "mounts of REF's layers, and store the files it opened, per layer and in "
                                     "first-access order, as the prefetch profile of REF's manifest.")
     p.add_argument("ref", metavar="REF", help="eStargz image reference")
-    p.add_argument("--entrypoint", metavar="JSON", help='entrypoint, a JSON list (e.g. ["python3"])')
-    p.add_argument("--args", metavar="JSON", help='arguments, a JSON list (e.g. ["-c", "import json"])')
-    p.add_argument("--env", metavar="K=V", action="append", default=[], help="environment variable (repeatable)")
-    p.add_argument("--cwd", metavar="DIR", help="working directory")
-    p.add_argument("--period", metavar="SECONDS", type=float, default=10.0,
-                   help="stop the workload after this long (default 10)")
-    p.add_argument("--network", action="store_true", help="give the workload the host's network (default: none)")
-    p.add_argument("--record-out", metavar="FILE", type=Path, help="also write the records to FILE")
+    add_workload_args(p, "also write the records to FILE")
     add_global(p, "address", default=None, help="containerd's socket (default $CONTAINERD_ADDRESS or "
                                                 "/run/containerd/containerd.sock)")
     _common(p, registry=True)
@@ -177,28 +170,16 @@ def _record(args: argparse.Namespace) -> int:
     return _run(_do_record, args)
 
 
-def _json_list(text: str | None, flag: str) -> list[str] | None:
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError:
-        raise _Failed(f"{flag}: not JSON: {text!r}", 2) from None
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise _Failed(f"{flag}: expected a JSON list of strings, got {text!r}", 2)
-    return value
-
-
 def _do_record(args: argparse.Namespace) -> int:
     import asyncio
 
     from lazyd.profile import records as rec
-    from lazyd.profile.workload import Workload, WorkloadError, WorkloadFailed, record_workload
+    from lazyd.profile.workload import WorkloadError, WorkloadFailed, record_workload
 
-    if args.period <= 0:
-        raise _Failed("--period must be positive", 2)
-    workload = Workload(_json_list(args.entrypoint, "--entrypoint"), _json_list(args.args, "--args"),
-                        list(args.env), args.cwd, args.period, args.network)
+    try:
+        workload = workload_from_args(args)
+    except WorkloadUsageError as exc:
+        raise _Failed(str(exc), 2) from None
 
     def say(msg: str) -> None:
         if not args.json:

@@ -1078,16 +1078,7 @@ class RegistryClient:
 
     async def put_manifest(self, ref: Reference, body: bytes, media_type: str) -> str:
         """PUT a manifest or index under ``ref``'s tag (or its digest); returns its digest."""
-        digest = digest_of(body)
-        obj = ref.tag or ref.digest or digest
-        resp = await self._call(ref.registry, ref.repository, "PUT", f"/{ref.repository}/manifests/{obj}",
-                                capability=CAP_PUSH, actions="pull,push", headers={"Content-Type": media_type},
-                                data=body, ok=(200, 201, 202, 204), what=f"push of manifest {obj}")
-        resp.close()
-        returned = resp.headers.get("Docker-Content-Digest")
-        if returned and returned != digest:
-            raise DigestMismatchError(f"registry {ref.registry} stored manifest {obj} as {returned}, expected {digest}")
-        return digest
+        return (await self.push_manifest(ref, body, media_type, tag=ref.tag or ref.digest)).digest
 
     async def push_manifest(self, ref: Reference, body: bytes, media_type: str, tag: str | None = None) -> ManifestPush:
         """PUT a manifest under ``tag``, or under its own digest when ``tag`` is None; returns its
