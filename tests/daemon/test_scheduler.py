@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 from lazyd.cache.store import ChunkKey, ChunkStore
-from lazyd.fetcher.layers import LayerTable
+from lazyd.fetcher.layers import Layer, LayerTable, Member
 from lazyd.fetcher.scheduler import PriorityGate, Scheduler, coalesce
 from lazyd.registry import Reference, RegistryClient, RegistryConfig
 from tests.daemon.conftest import via
@@ -166,26 +166,12 @@ def test_one_long_range_is_streamed_member_by_member(tmp_path: Path, busybox: ES
         async def run() -> None:
             client, store, layer, sched = await _setup(tmp_path, busybox, slow, 1)
             try:
-                loop = asyncio.get_running_loop()
-                big = layer.toc.lookup("data/big.bin")
-                members = sorted({layer.by_chunk[(c.blob_offset, c.inner_offset)].blob_offset: layer.by_chunk[
-                    (c.blob_offset, c.inner_offset)] for c in layer.toc.file_chunks(big)}.values(),
-                    key=lambda m: m.blob_offset)
+                members = big_file_members(layer)
                 run_ = coalesce(members, None)[0]
                 while len(run_) > 4 and run_[-2].blob_end - run_[0].blob_offset >= 600_000:
                     run_.pop()  # about 0.6 MB: long enough to see streaming, short enough to be quick
                 assert len(run_) >= 4 and run_[-1].blob_end - run_[0].blob_offset >= 600_000
-                before = len(slow.range_requests(layer.digest))  # the footer and TOC reads
-                whole = asyncio.create_task(sched.fetch(layer, run_, "prefetch", max_range=None))
-                while len(slow.range_requests(layer.digest)) == before:
-                    await asyncio.sleep(0.005)
-                t0 = loop.time()
-                await sched.fetch(layer, run_[:1], "demand")  # waits on the prefetch's member, no request
-                first = loop.time() - t0
-                assert not whole.done(), f"the first member took {first:.2f}s: not streamed"
-                await whole
-                total = loop.time() - t0
-                assert first < total / 3, (first, total)
+                before = await first_member_before_the_end(sched, slow, layer, run_)
                 assert len(slow.range_requests(layer.digest)) == before + 1
                 assert layer.counters.demand_bytes == 0
                 assert layer.counters.prefetch_bytes == run_[-1].blob_end - run_[0].blob_offset
@@ -195,3 +181,29 @@ def test_one_long_range_is_streamed_member_by_member(tmp_path: Path, busybox: ES
                 store.close()
 
         asyncio.run(run())
+
+
+def big_file_members(layer: Layer) -> list[Member]:
+    """The members holding ``data/big.bin``'s chunks, in blob order."""
+    big = layer.toc.lookup("data/big.bin")
+    return sorted({layer.by_chunk[(c.blob_offset, c.inner_offset)].blob_offset: layer.by_chunk[
+        (c.blob_offset, c.inner_offset)] for c in layer.toc.file_chunks(big)}.values(), key=lambda m: m.blob_offset)
+
+
+async def first_member_before_the_end(sched: Scheduler, slow: TCPProxy, layer: Layer, members: list[Member]) -> int:
+    """Prefetch ``members`` in one request through ``slow`` and check that a demand read of the
+    first one is served long before the whole answer is in (it was streamed).  Returns the
+    number of range requests made before the prefetch (footer and TOC reads)."""
+    loop = asyncio.get_running_loop()
+    before = len(slow.range_requests(layer.digest))
+    whole = asyncio.create_task(sched.fetch(layer, members, "prefetch", max_range=None))
+    while len(slow.range_requests(layer.digest)) == before:
+        await asyncio.sleep(0.005)
+    t0 = loop.time()
+    await sched.fetch(layer, members[:1], "demand")  # waits on the prefetch's member, no request
+    first = loop.time() - t0
+    assert not whole.done(), f"the first member took {first:.2f}s: not streamed"
+    await whole
+    total = loop.time() - t0
+    assert first < total / 3, (first, total)
+    return before
