@@ -122,13 +122,13 @@ class DaemonConfig:
     requests get their ``background_share``: longer than a container's start, which the
     background fetch would slow down (measured: docs/design.md, "Small-file read path")."""
 
-    demand_window_min: int = 256 * 1024
-    """Compressed bytes an on-demand fetch covers at least, counted from its first member: the
-    members that follow in the blob come along in the same request (0: only what was asked)."""
+    demand_window_min: int = 64 * 1024
+    """Compressed bytes an on-demand fetch covers at least: the members next to the demanded
+    ones in the blob come along in the same request (0: only what was asked)."""
 
     demand_window_max: int = 2 * 1024 * 1024
     """Largest neighbour window; it doubles from ``demand_window_min`` while on-demand misses
-    follow the previous on-demand range (sequential reads)."""
+    land within half of this of one of the layer's recent on-demand ranges (misses cluster)."""
 
     max_range_size: int = 16 * 1024 * 1024
     """Largest coalesced range of adjacent chunks in one request."""

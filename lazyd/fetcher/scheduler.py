@@ -19,9 +19,12 @@ not in flight, adjacent without a gap): up to a quarter of a window of compresse
 before the demanded members and the rest after them, in the same streamed range request.  The demanded read returns as soon
 as its own members are stored; neighbours are verified and stored like any member, and
 one that fails only fails itself (a read that was waiting for it fetches it again).  The
-window starts at ``window_min`` per layer, doubles up to ``window_max`` while demand
-misses stay near the end of the previous demand range (a sequential scan), and falls back
-to ``window_min`` on a miss elsewhere.
+window starts at ``window_min`` per layer and doubles up to ``window_max`` while demand
+misses land within ``window_max / 2`` of one of the layer's last ``RECENT_RANGES`` demand
+ranges (misses that cluster: a sequential scan, or imports from one package directory);
+a miss elsewhere starts again at ``window_min``.  Scattered misses (a program's shared
+libraries across a base layer) so fetch little besides what was asked, clustered ones few
+large requests (measured: docs/design.md, "Small-file read path").
 
 Memory: store queries, chunk decoding and verification run on ``STORE_THREADS`` threads of
 the scheduler's own (``in_store_thread``), each with one SQLite connection of bounded cache
@@ -41,6 +44,7 @@ import heapq
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -59,6 +63,8 @@ PRIORITY_RANK = {"demand": 0, "prefetch": 1, "background": 2}
 _INLINE_STORE = 64 * 1024
 """A demanded member up to this many compressed bytes is verified and stored on the event loop."""
 _BACK_FRACTION = 4
+RECENT_RANGES = 4
+"""Demand ranges per layer that a miss is compared with to decide whether misses cluster."""
 """A demand fetch's window reaches back 1/_BACK_FRACTION of itself before the demanded member."""
 STORE_THREADS = 2
 """Threads that decode, verify and store chunks and query the store (see ``in_store_thread``):
@@ -143,7 +149,8 @@ class Scheduler:
         self.share_after = share_after
         self._inflight: dict[tuple[str, int], asyncio.Future[None]] = {}
         self._neighbours: set[tuple[str, int]] = set()  # in-flight members claimed as neighbours
-        self._windows: dict[str, tuple[int, int]] = {}  # layer -> (end of the last demand range, its window)
+        # layer -> (its last RECENT_RANGES demand ranges (start, end), the window of the last one)
+        self._windows: dict[str, tuple[deque[tuple[int, int]], int]] = {}
         self._downloads: set[asyncio.Task[None]] = set()
         self._trim: asyncio.TimerHandle | None = None
         self.heap_trims = 0
@@ -300,7 +307,10 @@ class Scheduler:
         extra = self._claim_neighbours(layer, mine, extra)
         if mine:
             run = sorted(mine + extra, key=_offset)
-            self._windows[layer.digest] = (run[-1].blob_end, window)
+            recent = self._windows.get(layer.digest)
+            ranges = recent[0] if recent is not None else deque(maxlen=RECENT_RANGES)
+            ranges.append((run[0].blob_offset, run[-1].blob_end))
+            self._windows[layer.digest] = (ranges, window)
             futs = [self._inflight[(layer.digest, m.blob_offset)] for m in mine]
             task = asyncio.ensure_future(self._run(layer, run, "demand", rank, limit, trace))
             self._downloads.add(task)
@@ -326,14 +336,16 @@ class Scheduler:
             await asyncio.gather(*list(self._downloads), return_exceptions=True)
 
     def _window(self, layer: Layer, start: int) -> int:
-        """The neighbour window of a demand fetch starting at ``start``: grows while demand misses
-        follow the previous demand range (a sequential scan), else starts again at ``window_min``."""
-        last = self._windows.get(layer.digest)
-        if last is None:
+        """The neighbour window of a demand fetch starting at ``start``: twice the last one (up to
+        ``window_max``) when ``start`` is within ``window_max / 2`` of one of the layer's recent
+        demand ranges (misses cluster), else ``window_min``."""
+        recent = self._windows.get(layer.digest)
+        if recent is None:
             return self.window_min
-        last_end, window = last
-        if last_end - window <= start <= last_end + window:
-            return min(window * 2, self.window_max)
+        ranges, window = recent
+        reach = self.window_max // 2
+        if any(lo - reach <= start <= hi + reach for lo, hi in ranges):
+            return min(max(window, self.window_min) * 2, self.window_max)
         return self.window_min
 
     def _plan(self, layer: Layer, wanted: list[Member], window: int) -> tuple[list[Member], list[Member]]:

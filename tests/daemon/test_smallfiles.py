@@ -126,6 +126,41 @@ def test_neighbour_window_cuts_registry_requests(tmp_path: Path, smallfiles: ESt
     assert grown <= 6 + span // (384 * 1024) + 2 < windowed, (grown, windowed, span)
 
 
+def test_window_grows_where_misses_cluster(tmp_path: Path, smallfiles: EStargzImage, proxy: TCPProxy) -> None:
+    """Misses near recent demand ranges (not adjacent: imports from one directory) double the
+    window up to its maximum; misses far apart (libraries across a base layer) stay at the minimum."""
+    lo_w, hi_w = 16 * 1024, 256 * 1024  # reach: 128 KiB
+
+    async def spans(name: str, gap: int, count: int) -> list[int]:
+        """Demand one member ``gap`` bytes past the end of the previous request, ``count`` times:
+        the byte span of each request."""
+        client, store, layer, sched = await _open(tmp_path, smallfiles, proxy, name, window_min=lo_w,
+                                                  window_max=hi_w)
+        try:
+            ms, out, pos = layer.members, [], 0
+            for _ in range(count):
+                m = next(m for m in ms if m.blob_offset >= pos)
+                before = len(proxy.range_requests(layer.digest))
+                await sched.fetch(layer, [m], "demand")
+                await sched.drain()
+                (req,) = proxy.range_requests(layer.digest)[before:]
+                first, last = (int(x) for x in req.headers["range"].removeprefix("bytes=").split("-"))
+                assert first <= m.blob_offset < last
+                out.append(last + 1 - first)
+                pos = last + 1 + gap
+            return out
+        finally:
+            await client.close()
+            store.close()
+
+    clustered = asyncio.run(spans("clustered", 24 * 1024, 6))
+    assert all(a < b for a, b in zip(clustered, clustered[1:5])), clustered  # 16, 32, 64, 128, 256 KiB
+    # At 256 KiB the quarter behind reaches into the previous (stored) range, which it skips.
+    assert hi_w // 2 < clustered[-2] <= hi_w and hi_w // 2 < clustered[-1] <= hi_w, clustered
+    scattered = asyncio.run(spans("scattered", 200 * 1024, 6))
+    assert all(s <= lo_w for s in scattered), scattered
+
+
 def test_lying_registry_neighbour_is_refused_without_failing_the_read(
         tmp_path: Path, smallfiles: EStargzImage, registry: Registry, proxy: TCPProxy) -> None:
     """A registry that serves wrong bytes for a neighbour: the demanded file is stored and the
