@@ -20,15 +20,22 @@ def free_port() -> int:
 
 
 def prefer_this_interpreters_tools() -> None:
-    """Put the directory of ``sys.executable`` first on ``PATH``.
+    """Put the directory of ``sys.executable`` first on ``PATH``, and byte-compile lazyd.
 
     ``lazyctl`` and ``lazyd`` started by name are then the ones installed with this
     interpreter (``/opt/lazyd/venv/bin`` when run with the venv's Python, as ``scripts/test``
-    does), not whatever another Python install put earlier on ``PATH``.
+    does), not whatever another Python install put earlier on ``PATH``. Their modules have
+    up-to-date bytecode, as an install leaves them: under ``PYTHONDONTWRITEBYTECODE`` a
+    module edited since the last compile would be compiled again by every process start,
+    which benchmarks would time (``lazyctl rpull --help`` 95 ms against 45 ms).
     """
     bindir = os.path.dirname(sys.executable)
     os.environ["PATH"] = os.pathsep.join([bindir, *(p for p in os.environ.get("PATH", "").split(os.pathsep)
                                                     if p != bindir)])
+    import compileall
+
+    import lazyd
+    compileall.compile_dir(os.path.dirname(lazyd.__file__), quiet=2)
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
