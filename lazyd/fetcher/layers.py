@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import itertools
 import json
 import logging
 import os
@@ -162,21 +161,26 @@ class ChunkIndex:
         """The index of ``(blob_offset, blob_end, chunks)`` members, given in blob order."""
         index = cls()
         names: dict[str, int] = {}
+        # One pass over every chunk of a layer being opened: methods bound once.
+        m_off, m_end, m_first = index.m_off.append, index.m_end.append, index.m_first.append
+        c_inner, c_size, c_file_off, c_name = (index.c_inner.append, index.c_size.append, index.c_file_off.append,
+                                               index.c_name.append)
+        digests, c_count = index.digests, index.c_inner
         for blob_offset, blob_end, chunks in members:
-            index.m_off.append(blob_offset)
-            index.m_end.append(blob_end)
+            m_off(blob_offset)
+            m_end(blob_end)
             for c in chunks:
                 number = names.get(c.name)
                 if number is None:
                     number = names[c.name] = len(names)
                     index.names += c.name.encode("utf-8", "surrogatepass")
                     index.name_off.append(len(index.names))
-                index.c_inner.append(c.inner_offset)
-                index.c_size.append(c.size)
-                index.c_file_off.append(c.file_offset)
-                index.c_name.append(number)
-                index.digests += _raw_digest(c.digest)
-            index.m_first.append(len(index.c_inner))
+                c_inner(c.inner_offset)
+                c_size(c.size)
+                c_file_off(c.file_offset)
+                c_name(number)
+                digests += _raw_digest(c.digest)
+            m_first(len(c_count))
         index.prefetch_end = prefetch_end
         index.no_prefetch = no_prefetch
         return index
@@ -185,10 +189,16 @@ class ChunkIndex:
     def from_toc(cls, toc: TOC, toc_offset: int) -> ChunkIndex:
         """The index of a parsed TOC (``toc.chunks`` are in blob order, grouped by member)."""
         def members() -> Iterator[tuple[int, int, list[Chunk]]]:
-            for offset, group in itertools.groupby(toc.chunks, key=lambda c: c.blob_offset):
-                chunks = list(group)
-                end = chunks[0].blob_end
-                yield offset, end if end is not None else toc_offset, chunks
+            group: list[Chunk] = []
+            for c in toc.chunks:  # in blob order: a member's chunks are consecutive
+                if group and c.blob_offset != group[0].blob_offset:
+                    end = group[0].blob_end
+                    yield group[0].blob_offset, end if end is not None else toc_offset, group
+                    group = []
+                group.append(c)
+            if group:
+                end = group[0].blob_end
+                yield group[0].blob_offset, end if end is not None else toc_offset, group
         return cls.build(members(), toc.prefetch_end, toc.no_prefetch)
 
     def __len__(self) -> int:
