@@ -167,7 +167,7 @@ class InodeTable:
         hardlinks = []
         whiteouts = []
         dirs = table._dirs
-        # Hot loop (one pass over every entry; 60% of a layer open was here): the common
+        # Hot loop (one pass over every entry; the largest part of a layer open): the common
         # case, a new entry (attributes as ``_entry_attr`` makes them), is inlined.
         attrs, parents, pack = table._attrs, table._parent, _ATTR.pack
         links, xattrs_of, type_bits = table._links, table._xattrs, _TYPE_BITS
