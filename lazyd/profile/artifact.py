@@ -222,7 +222,11 @@ def add_referrer(index: bytes | None, entry: dict[str, Any], where: str = "refer
 def newest_profile(index: bytes, where: str) -> tuple[Descriptor, bytes | None] | None:
     """The newest lazyd profile listed in a referrers index (by creation annotation, then
     position), with the manifest its entry embeds (verified), if any."""
-    doc = _index_doc(index, where)
+    return _newest(_index_doc(index, where), where)
+
+
+def _newest(doc: dict[str, Any], where: str) -> tuple[Descriptor, bytes | None] | None:
+    """``newest_profile`` of an index already parsed and checked (``_index_doc``)."""
     best: tuple[str, int, Descriptor, dict[str, Any]] | None = None
     for i, m in enumerate(doc["manifests"]):
         if not isinstance(m, dict) or m.get("artifactType") != ARTIFACT_TYPE:
@@ -292,8 +296,9 @@ async def pull(client: RegistryClient, ref: Reference, manifest_digest: str) -> 
         if by_tag is None:
             raise ProfileNotFoundError(f"no profile for {manifest_digest} in {ref.name} (no referrers API, "
                                        f"no tag {tag})")
-        index, method, where = by_tag, "referrers-tag", f"referrers tag {tag} of {ref.name}"
-    found = newest_profile(index, where)
+        method, where = "referrers-tag", f"referrers tag {tag} of {ref.name}"
+        index = _index_doc(by_tag, where)
+    found = _newest(index, where)  # the client parsed and checked the referrers API's answer
     if found is None:
         raise ProfileNotFoundError(f"no profile for {manifest_digest} in {ref.name} ({where} lists none)")
     entry, body = found

@@ -1095,9 +1095,9 @@ class RegistryClient:
         return ManifestPush(digest, resp.headers.get("OCI-Subject") or None)
 
     async def referrers(self, ref: Reference, digest: str, artifact_type: str | None = None,
-                        max_size: int = MAX_MANIFEST_SIZE) -> bytes | None:
-        """The referrers index of manifest ``digest`` (``GET /v2/<name>/referrers/<digest>``), or
-        None when the registry has no referrers API (404).  The index is checked to be JSON with
+                        max_size: int = MAX_MANIFEST_SIZE) -> dict[str, Any] | None:
+        """The referrers index of manifest ``digest`` (``GET /v2/<name>/referrers/<digest>``), parsed,
+        or None when the registry has no referrers API (404).  The index is checked to be JSON with
         a ``manifests`` list; ``artifact_type`` is passed as the filter (registries may ignore it)."""
         validate_digest(digest)
         query = f"?artifactType={quote(artifact_type, safe='')}" if artifact_type else ""
@@ -1118,7 +1118,7 @@ class RegistryClient:
             raise ManifestError(f"{what} in {ref.name}: the answer is not JSON") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("manifests"), list):
             raise ManifestError(f"{what} in {ref.name}: the answer is not an image index (no 'manifests' list)")
-        return body
+        return doc
 
 
 class _BytesReader:

@@ -10,13 +10,15 @@ import json
 from collections.abc import Iterator
 
 import pytest
+from aiohttp import web
 
 from lazyd.profile import artifact
 from lazyd.profile.artifact import (ARTIFACT_TYPE, ArtifactError, ProfileNotFoundError, add_referrer, decode_manifest,
                                     encode, newest_profile, referrers_tag)
 from lazyd.profile.records import Record, dumps, loads
-from lazyd.registry import Descriptor, Reference, RegistryClient, RegistryConfig
+from lazyd.registry import Descriptor, ManifestError, Reference, RegistryClient, RegistryConfig
 from lazyd.registry.types import MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, digest_of
+from tests.registry.helpers import FrontLog, proxy_app, serve
 from tests.support.registry import Registry, running_registry
 
 SUBJECT = Descriptor(MEDIA_OCI_MANIFEST, "sha256:" + "c" * 64, 1234)
@@ -177,6 +179,42 @@ def test_registry_round_trip_uses_the_referrers_tag(registry: Registry) -> None:
             index, _, _ = await client.get_manifest(ref.with_tag(pushed.tag))
             assert [m["digest"] for m in json.loads(index)["manifests"]] == [pushed.digest, second.digest]
             assert (await artifact.pull(client, ref, subject.digest)).data == newer
+
+    asyncio.run(go())
+
+
+def test_registry_with_the_referrers_api_is_asked_first(registry: Registry) -> None:
+    """A registry with the referrers API (a front over distribution that answers
+    ``/referrers/<digest>`` with the index the tag schema stored): the profile comes from the
+    API's answer, which the client parses once; an answer that is not an index is refused."""
+    ref = Reference.parse(f"{registry.host}/profiled/api:v1")
+    log = FrontLog()
+    answer: dict[str, bytes] = {}
+
+    async def referrers(request: web.Request, headers: dict[str, str]) -> web.StreamResponse | None:
+        if "/referrers/" not in request.path:
+            return None
+        assert request.query.get("artifactType") == ARTIFACT_TYPE
+        return web.Response(body=answer["index"], content_type=MEDIA_OCI_INDEX)
+
+    async def go() -> None:
+        async with _client(registry) as client:
+            subject = await _push_image(client, ref, "api")
+            data = blob(subject.digest, 5)
+            pushed = await artifact.push(client, ref, data, subject, "2026-12-01T00:00:00Z")
+            answer["index"], _, _ = await client.get_manifest(ref.with_tag(pushed.tag))
+        async with serve(proxy_app(registry.url, log, hook=referrers)) as port:
+            front = Reference.parse(f"127.0.0.1:{port}/profiled/api:v1")
+            async with RegistryClient(RegistryConfig(plain_http=[front.registry])) as client:
+                doc = await client.referrers(front, subject.digest, ARTIFACT_TYPE)
+                assert doc is not None and [m["digest"] for m in doc["manifests"]] == [pushed.digest]
+                pulled = await artifact.pull(client, front, subject.digest)
+                assert pulled.method == "referrers-api" and pulled.artifact_digest == pushed.digest
+                assert pulled.data == data
+                assert log.count("GET", f"/referrers/{subject.digest}") == 2
+                answer["index"] = b'{"schemaVersion": 2}'
+                with pytest.raises(ManifestError, match="not an image index"):
+                    await artifact.pull(client, front, subject.digest)
 
     asyncio.run(go())
 
