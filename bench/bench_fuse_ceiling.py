@@ -41,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_fuse import fill_store, mount_layer, start_worker, stop_worker  # its worker set-up, same directory
+
 BLOCK = 1 << 20
 MIN_SECONDS = 0.5
 
@@ -75,7 +77,7 @@ def warm_mbps(path: str) -> float:
     return passes * os.path.getsize(path) / (time.perf_counter() - t0) / 1e6
 
 
-def read_tree_bytes(path: str) -> str:
+def sha256_of(path: str) -> str:
     """sha256 of a file's bytes, read in BLOCKs."""
     import hashlib
     h = hashlib.sha256()
@@ -132,9 +134,6 @@ def ceiling_tar(path: Path, files: int) -> None:
 def lazyd_side(work: Path, files: int) -> tuple[subprocess.Popen[bytes], Path, Path]:
     """The C servers' tree in an eStargz layer, every chunk in a chunk store, mounted by a lazyd
     FUSE worker (no fetcher): (worker, its state dir, the mountpoint)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_fuse import fill_store, mount_layer, start_worker
-
     from lazyd.cache.store import ChunkStore
     from lazyd.estargz import BuildOptions, build
 
@@ -210,7 +209,7 @@ def main() -> int:
         stop = [(worker, state)]
         sides["lazyd"] = [str(lazyd_mnt / f"f{i}") for i in range(args.files)]
         bigs["lazyd"] = str(lazyd_mnt / "big")
-        if read_tree_bytes(bigs["lazyd"]) != read_tree_bytes(bigs["native"]):
+        if sha256_of(bigs["lazyd"]) != sha256_of(bigs["native"]):
             raise SystemExit("lazyd serves different bytes for big than the native file")
         rates: dict[str, list[float]] = {k: [] for k in sides}
         mbps: dict[str, list[float]] = {k: [] for k in bigs}
@@ -245,8 +244,6 @@ def main() -> int:
         return 0
     finally:
         if stop:
-            sys.path.insert(0, str(Path(__file__).resolve().parent))
-            from bench_fuse import stop_worker
             for worker, state in stop:
                 stop_worker(worker, state)
             subprocess.run(["umount", "-l", str(work / "mnt-lazyd")], capture_output=True)
