@@ -532,7 +532,11 @@ class Scheduler:
             return [m for m in mine if self._inflight.get((layer.digest, m.blob_offset)) is owned[m.blob_offset]]
 
         try:
+            # Counted as sent, not as done: a reader released by the stream's last member may
+            # look at the counters before the stream's bookkeeping has finished.
             counters.in_flight += 1
+            counters.registry_requests += 1
+            self.metrics.fetch_request(priority, layer.digest)
             try:
                 urgent: list[tuple[int, int]] | None = None
                 if trace is not None:
@@ -545,8 +549,6 @@ class Scheduler:
                 raise registry_error(exc) from None
             finally:
                 counters.in_flight -= 1
-                counters.registry_requests += 1
-                self.metrics.fetch_request(priority, layer.digest)
             if bad:
                 self.metrics.registry_errors["digest"] += 1
             bad = await self._refetch_bad(layer, mine, priority, bad)
@@ -585,14 +587,14 @@ class Scheduler:
             self.metrics.registry_retries["digest"] += 1
             await asyncio.sleep(config.backoff * (2 ** attempt))
             counters.in_flight += 1
+            counters.registry_requests += 1
+            self.metrics.fetch_request(priority, layer.digest)
             try:
                 parts = await self.client.fetch_ranges(layer.ref, layer.digest, [(m.blob_offset, m.size) for m in again])
             except RegistryError as exc:
                 raise registry_error(exc) from None
             finally:
                 counters.in_flight -= 1
-                counters.registry_requests += 1
-                self.metrics.fetch_request(priority, layer.digest)
             received = sum(len(p) for p in parts)
             counters.add_bytes(priority, received)
             self.metrics.fetched(priority, layer.digest, received)
