@@ -249,9 +249,10 @@ class FetchArgs(Message):
 class WorkerMountArgs(Message):
     """``worker.mount``: serve a layer whose verified TOC is in ``toc_path``.
 
-    ``inodes_path``, when given, holds the layer's inode table as the fetcher built it
-    (``InodeTable.dumps``); the worker uses it instead of parsing the TOC, unless it is
-    unreadable or tagged with another TOC digest.
+    ``inodes_path``, when given, is where the layer's inode table is kept (``InodeTable.dumps``):
+    the worker uses it instead of parsing the TOC, unless it is unreadable or tagged with
+    another TOC digest; when it is missing (a layer's first mount) the worker builds the table
+    from the TOC and saves it there.
     """
 
     mount_id: str = _f(pattern=MOUNT_ID_RE, what="mount id", max_len=MAX_ID)

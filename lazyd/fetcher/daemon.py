@@ -72,7 +72,8 @@ from lazyd import mounttable
 from lazyd.api.server import Handler, Server
 from lazyd.cache.store import ChunkStore
 from lazyd.config import DaemonConfig
-from lazyd.fetcher.layers import Layer, LayerTable, Member, ProfilePlan, atomic_write, profile_plan, registry_error
+from lazyd.fetcher.layers import (Layer, LayerTable, Member, ProfilePlan, TOCFile, atomic_write, profile_plan,
+                                  registry_error)
 from lazyd.fetcher.profiles import ProfileFinder, ProfileUse
 from lazyd.fetcher.scheduler import Scheduler
 from lazyd.fetcher.workers import Supervisor, WorkerError, WorkerHandle
@@ -354,7 +355,7 @@ class Daemon:
         if handle is None or handle.state != "ready" or handle.draining:
             handle = self._pick_worker()
         try:
-            await self._worker_mount(handle, record, layer)
+            await self._worker_mount(handle, record, layer.toc_file)
         except ApiError as exc:
             if exc.code == ALREADY_EXISTS and await self._worker_serves(handle, record):
                 record.worker_id = handle.worker_id
@@ -379,11 +380,11 @@ class Daemon:
             return False
         return any(m.mount_id == record.mount_id and m.mountpoint == record.mountpoint for m in st.mounts)
 
-    async def _worker_mount(self, handle: WorkerHandle, record: MountRecord, layer: Layer) -> None:
-        args = WorkerMountArgs(mount_id=record.mount_id, mountpoint=record.mountpoint, layer_digest=layer.digest,
-                               toc_digest=layer.meta.toc_digest, toc_path=str(layer.toc_path),
-                               blob_size=layer.meta.blob_size,
-                               inodes_path=str(layer.inodes_path) if layer.inodes_path else None)
+    async def _worker_mount(self, handle: WorkerHandle, record: MountRecord, toc: TOCFile) -> None:
+        meta = toc.meta
+        args = WorkerMountArgs(mount_id=record.mount_id, mountpoint=record.mountpoint, layer_digest=meta.layer_digest,
+                               toc_digest=meta.toc_digest, toc_path=str(toc.toc_path), blob_size=meta.blob_size,
+                               inodes_path=str(toc.inodes_path) if toc.inodes_path else None)
         try:
             await handle.call("worker.mount", args, timeout=self.config.mount_timeout)
         except ApiError as exc:
@@ -392,6 +393,21 @@ class Daemon:
             # An adopted worker of an older lazyd: it parses the TOC itself.
             await handle.call("worker.mount", replace(args, inodes_path=None),
                               timeout=self.config.mount_timeout)
+
+    async def _undo_worker_mount(self, handle: WorkerHandle, record: MountRecord,
+                                 mounting: asyncio.Future[None]) -> None:
+        """A mount failed (its layer's open, or the worker): once the worker has answered, undo
+        what it mounted (not cancelled: a worker that mounts after all would leave it behind)."""
+        try:
+            await asyncio.shield(mounting)
+        except (ApiError, asyncio.CancelledError):
+            pass
+        if mounting.done() and not mounting.cancelled() and mounting.exception() is None:
+            try:
+                await handle.call("worker.unmount", {"mount_id": record.mount_id})
+            except ApiError as exc:
+                log.warning("cannot undo mount %s at %s: %s", record.mount_id, record.mountpoint, exc)
+        self._forget_mount(record)
 
     async def _worker_died(self, handle: WorkerHandle) -> None:
         """Mark the worker's mounts broken, start a new worker and mount them again."""
@@ -502,8 +518,7 @@ class Daemon:
             self._claimed.add(mountpoint)
         started = time.monotonic()
         try:
-            layer = await self.layers.open(ref, args.layer_digest, args.toc_digest, self.config.mount_timeout)
-            opened = time.monotonic()
+            toc = await self.layers.open_toc(ref, args.layer_digest, args.toc_digest, self.config.mount_timeout)
             if args.trace:
                 try:
                     handle = await self.supervisor.tracer()
@@ -511,14 +526,19 @@ class Daemon:
                     raise ApiError(UNAVAILABLE, f"cannot start the tracing worker: {exc}") from None
             else:
                 handle = self._pick_worker()
-            record = MountRecord(uuid.uuid4().hex[:16], str(ref), layer.digest, layer.meta.toc_digest, mountpoint,
-                                 handle.worker_id)
+            record = MountRecord(uuid.uuid4().hex[:16], str(ref), toc.meta.layer_digest, toc.meta.toc_digest,
+                                 mountpoint, handle.worker_id)
             self.mounts[record.mount_id] = record
             self._save_mount(record)
+            # The worker builds its inode table from the saved TOC while this process parses the
+            # same TOC into its chunk index: two processes, so the two parses overlap.
+            mounting = asyncio.ensure_future(self._worker_mount(handle, record, toc))
             try:
-                await self._worker_mount(handle, record, layer)
-            except ApiError:
-                self._forget_mount(record)
+                layer = await self.layers.open(ref, args.layer_digest, args.toc_digest, self.config.mount_timeout)
+                opened = time.monotonic()
+                await mounting
+            except BaseException:
+                await self._undo_worker_mount(handle, record, mounting)
                 raise
             record.state = "ready"
             took = time.monotonic() - started

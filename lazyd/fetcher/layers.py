@@ -56,7 +56,6 @@ from lazyd.estargz import (
     read_footer,
 )
 from lazyd.estargz.toc import MAX_TOC_MEMBER_SIZE
-from lazyd.estargz.inodes import InodeTable, InodeTableError
 from lazyd.registry import (
     Descriptor,
     DigestMismatchError,
@@ -455,6 +454,16 @@ class LayerMeta:
     toc_offset: int
 
 
+@dataclass(frozen=True)
+class TOCFile:
+    """A layer's TOC, verified against its digest and saved as ``toc.json``: what a worker needs
+    to build the layer's inode table (and keep it at ``inodes_path`` for the next mount)."""
+
+    meta: LayerMeta
+    toc_path: Path
+    inodes_path: Path | None
+
+
 @dataclass
 class Layer:
     """An opened, verified eStargz layer: what the fetcher needs of its TOC, packed."""
@@ -473,6 +482,10 @@ class Layer:
     @property
     def ref(self) -> Reference:
         return Reference.parse(self.meta.ref)
+
+    @property
+    def toc_file(self) -> TOCFile:
+        return TOCFile(self.meta, self.toc_path, self.inodes_path)
 
     @property
     def members(self) -> Members:
@@ -536,6 +549,7 @@ class LayerTable:
         self._warming: set[asyncio.Future[Layer]] = set()  # opens started by warm(), kept referenced
         self._sizes: dict[tuple[str, str, str], int] = {}  # (registry, repository, digest) -> size, from warm()
         self._loading: dict[str, asyncio.Future[Layer | None]] = {}  # loads from disk in a thread (``load``)
+        self._tocs: dict[str, asyncio.Future[TOCFile]] = {}  # of the opens under way: set once the TOC is saved
 
     def remember(self, image: Image) -> None:
         """Keep ``image`` (its ref is pinned to the manifest digest) for TOC-digest lookups."""
@@ -640,24 +654,62 @@ class LayerTable:
         layers of an image bottom-up, so the first layer a pull mounts is not held up
         behind an upper layer whose smaller TOC arrived first).
         """
+        layer = await self._opened(digest, toc_digest)
+        if layer is not None:
+            return layer
+        pending, _ = self._start_open(ref, digest, toc_digest, timeout, parse_after)
+        return await asyncio.shield(pending)
+
+    async def open_toc(self, ref: Reference, digest: str, toc_digest: str | None, timeout: float) -> TOCFile:
+        """Open the layer as ``open`` does, but return as soon as its TOC is verified and saved.
+
+        A worker can then build the layer's inode table from ``toc.json`` in its own process
+        while the fetcher parses the same TOC into its chunk index; ``open`` (which joins the
+        open under way) says whether the fetcher accepted the TOC.  Raises what ``open``
+        raises when the open fails before the TOC is saved.
+        """
+        layer = await self._opened(digest, toc_digest)
+        if layer is not None:
+            return layer.toc_file
+        pending, saved = self._start_open(ref, digest, toc_digest, timeout)
+        if not saved.done():
+            await asyncio.wait([saved, pending], return_when=asyncio.FIRST_COMPLETED)
+        if saved.done() and not saved.cancelled():
+            return saved.result()
+        return (await asyncio.shield(pending)).toc_file
+
+    async def _opened(self, digest: str, toc_digest: str | None) -> Layer | None:
+        """The layer if it is open or persisted (its TOC digest checked), else None."""
         layer = await self.load(digest)
         if layer is not None:
             layer.used = time.monotonic()
             if toc_digest is not None and toc_digest != layer.meta.toc_digest:
                 raise ApiError(DIGEST_MISMATCH, f"layer {digest} has TOC digest {layer.meta.toc_digest}, "
                                                 f"not {toc_digest}")
-            return layer
+        return layer
+
+    def _start_open(self, ref: Reference, digest: str, toc_digest: str | None, timeout: float,
+                    parse_after: asyncio.Future[Layer] | None = None
+                    ) -> tuple[asyncio.Future[Layer], asyncio.Future[TOCFile]]:
+        """The open of ``digest`` under way, started if there is none: (the open, its saved TOC)."""
         pending = self._opening.get(digest)
         if pending is None:
-            pending = asyncio.ensure_future(self._open(ref, digest, toc_digest, timeout, parse_after))
+            saved: asyncio.Future[TOCFile] = asyncio.get_running_loop().create_future()
+            pending = asyncio.ensure_future(self._open(ref, digest, toc_digest, timeout, parse_after, saved))
             self._opening[digest] = pending
-            pending.add_done_callback(lambda _f: self._opening.pop(digest, None))
-        return await asyncio.shield(pending)
+            self._tocs[digest] = saved
+
+            def done(_f: asyncio.Future[Layer]) -> None:
+                self._opening.pop(digest, None)
+                if not self._tocs.pop(digest, saved).done():
+                    saved.cancel()  # the open failed before its TOC was saved
+            pending.add_done_callback(done)
+        return pending, self._tocs[digest]
 
     async def _open(self, ref: Reference, digest: str, toc_digest: str | None, timeout: float,
-                    parse_after: asyncio.Future[Layer] | None = None) -> Layer:
+                    parse_after: asyncio.Future[Layer] | None, saved: asyncio.Future[TOCFile]) -> Layer:
         try:
-            return await asyncio.wait_for(self._fetch_toc(ref, digest, toc_digest, parse_after), timeout)
+            return await asyncio.wait_for(self._fetch_toc(ref, digest, toc_digest, saved, parse_after), timeout)
         except asyncio.TimeoutError:
             raise ApiError("timeout", f"opening layer {digest} of {ref} took longer than {timeout}s") from None
         except RegistryError as exc:
@@ -688,7 +740,7 @@ class LayerTable:
                 return str(value)
         raise ApiError(NOT_FOUND, f"layer {digest} is not in the manifest of {ref}")
 
-    async def _fetch_toc(self, ref: Reference, digest: str, toc_digest: str | None,
+    async def _fetch_toc(self, ref: Reference, digest: str, toc_digest: str | None, saved: asyncio.Future[TOCFile],
                          parse_after: asyncio.Future[Layer] | None = None) -> Layer:
         if toc_digest is None:
             toc_digest = await self._toc_digest_from_manifest(ref, digest)
@@ -729,15 +781,20 @@ class LayerTable:
         try:
             async with self._parse_lock:
                 parsing = time.monotonic()  # not counting the wait for the lock
-                index, entries = await asyncio.to_thread(_parse_toc, member, meta, d)
+                json_bytes = await asyncio.to_thread(_save_toc, member, meta, d)
+                del member
+                if not saved.done():
+                    saved.set_result(TOCFile(meta, d / TOC_FILE, d / INODES_FILE))
+                index, entries = await asyncio.to_thread(_parse_toc, json_bytes, meta, d)
+                del json_bytes
                 parsed = time.monotonic() - parsing
         except TOCDigestMismatch as exc:
             raise ApiError(DIGEST_MISMATCH, f"layer {digest} of {ref}: {exc}") from None
-        except (EStargzError, InodeTableError, ChunkIndexError) as exc:
+        except (EStargzError, ChunkIndexError) as exc:
             raise ApiError(NOT_ESTARGZ, f"layer {digest} of {ref}: {exc}") from None
         if self.metrics is not None:
             self.metrics.observe_ms("stargz_toc_json_deserialize", digest, parsed)
-        log.debug("layer %s: TOC of %d entries verified, parsed and turned into inodes in %.3fs (%d chunks, "
+        log.debug("layer %s: TOC of %d entries verified, saved and parsed in %.3fs (%d chunks, "
                   "%d bytes kept)", digest, entries, time.monotonic() - started, index.chunk_count, index.nbytes())
         layer = Layer(meta, index, d / TOC_FILE, counters, d / INODES_FILE)
         self._layers[digest] = layer
@@ -769,8 +826,7 @@ class LayerTable:
                 atomic_write(d / INDEX_FILE, index.dumps(meta.toc_digest), sync=False)
             except OSError as exc:
                 log.warning("cannot save the chunk index of layer %s: %s", digest, exc)
-        inodes = d / INODES_FILE
-        layer = Layer(meta, index, d / TOC_FILE, inodes_path=inodes if inodes.exists() else None)
+        layer = Layer(meta, index, d / TOC_FILE, inodes_path=d / INODES_FILE)
         try:
             layer.counters.restore(json.loads((d / COUNTERS_FILE).read_bytes()))
         except (OSError, ValueError):
@@ -835,23 +891,26 @@ class LayerTable:
         return deleted
 
 
-def _parse_toc(member: bytes, meta: LayerMeta, d: Path) -> tuple[ChunkIndex, int]:
-    """Verify and parse a TOC member, persist it in ``d`` (toc.json, inodes, chunk index, meta)
-    and return (chunk index, number of entries); runs in a thread, so the TOC's JSON and
-    objects never reach the event loop."""
+def _save_toc(member: bytes, meta: LayerMeta, d: Path) -> bytes:
+    """Inflate a TOC member, verify it against ``meta.toc_digest`` and save it as ``toc.json``
+    in ``d``; returns the JSON.  Runs in a thread.  (A ``toc.json`` that the parse then rejects
+    has no ``meta.json`` beside it: it is never loaded, and ``collect`` deletes it.)"""
     json_bytes = decode_toc_member(member, meta.toc_digest)
-    del member
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    atomic_write(d / TOC_FILE, json_bytes)
+    return json_bytes
+
+
+def _parse_toc(json_bytes: bytes, meta: LayerMeta, d: Path) -> tuple[ChunkIndex, int]:
+    """Parse a verified TOC into the chunk index and persist it (chunk index, then meta);
+    returns (chunk index, number of entries).  Runs in a thread, so the TOC's JSON and objects
+    never reach the event loop.  The inode table is the worker's: it builds it from ``toc.json``
+    at the first mount, in its own process while this runs, and keeps it at ``inodes_path``."""
     toc = TOC.parse(json_bytes, meta.toc_digest, meta.toc_offset)
-    inodes = InodeTable.from_toc(toc).dumps(meta.toc_digest)
     index = ChunkIndex.from_toc(toc, meta.toc_offset)
     entries = len(toc.entries)
     del toc
-    d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    atomic_write(d / TOC_FILE, json_bytes)
-    del json_bytes
-    # Derived caches: a worker checks the inode table and falls back to toc.json, the fetcher
-    # checks the chunk index and falls back to toc.json, so no fsync.
-    atomic_write(d / INODES_FILE, inodes, sync=False)
+    # A derived cache: the fetcher checks the chunk index and falls back to toc.json, so no fsync.
     atomic_write(d / INDEX_FILE, index.dumps(meta.toc_digest), sync=False)
     atomic_write(d / META_FILE, json.dumps(asdict(meta)).encode())
     return index, entries

@@ -205,12 +205,12 @@ class Worker:
         # Resolve symlinks in the parent only: the mountpoint itself may be a dead mount.
         normalized = os.path.normpath(args.mountpoint)
         mountpoint = os.path.join(os.path.realpath(os.path.dirname(normalized)), os.path.basename(normalized))
+        table = self._inode_table(args)  # outside the lock: status and other mounts need not wait for a parse
         with self._ops_lock:
             if mount_id in self.mounts:
                 raise ApiError(messages.ALREADY_EXISTS, f"mount id {mount_id!r} is already mounted")
             if any(r.mountpoint == mountpoint for r in self.mounts.values()):
                 raise ApiError(messages.ALREADY_EXISTS, f"{mountpoint} is already served by this worker")
-            table = self._inode_table(args)
             if mounts.is_dead(mountpoint):
                 log.warning("lazily unmounting a dead mount at %s", mountpoint)
                 mounts.unmount_all_at(mountpoint)
@@ -234,20 +234,37 @@ class Worker:
             return messages.WorkerMountResult(fuse_path=fuse_path)
 
     def _inode_table(self, args: messages.WorkerMountArgs) -> InodeTable:
-        """The layer's inode table: the fetcher's dump when it is sound, else built from the TOC."""
-        if args.inodes_path is not None:
+        """The layer's inode table: the dump at ``inodes_path`` when it is sound, else built from
+        the TOC (the first mount of a layer) and dumped there for the next mount."""
+        saved = Path(args.inodes_path) if args.inodes_path is not None else None
+        if saved is not None:
             try:
-                return InodeTable.loads(Path(args.inodes_path).read_bytes(), args.toc_digest)
+                return InodeTable.loads(saved.read_bytes(), args.toc_digest)
+            except FileNotFoundError:
+                pass  # not built yet
             except (OSError, InodeTableError) as exc:
-                log.warning("inode table %s unusable (%s); building it from the TOC", args.inodes_path, exc)
+                log.warning("inode table %s unusable (%s); building it from the TOC", saved, exc)
         try:
             data = Path(args.toc_path).read_bytes()
         except OSError as exc:
             raise ApiError(messages.INVALID_REQUEST, f"worker.mount: cannot read toc_path: {exc}") from exc
         try:
-            return InodeTable.from_toc(TOC.parse(data, expected_digest=args.toc_digest))
+            table = InodeTable.from_toc(TOC.parse(data, expected_digest=args.toc_digest))
         except (EStargzError, InodeTableError) as exc:
             raise ApiError(messages.INVALID_REQUEST, f"worker.mount: TOC of {args.layer_digest}: {exc}") from exc
+        if saved is not None:
+            # A file of its own per writer, renamed into place: two workers mounting the same
+            # layer at once each replace the dump whole.
+            tmp = saved.with_name(f"{saved.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(table.dumps(args.toc_digest))
+                os.replace(tmp, saved)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                log.warning("cannot save the inode table of %s at %s: %s", args.layer_digest, saved, exc)
+        return table
 
     def unmount(self, mount_id: str) -> None:
         with self._ops_lock:

@@ -93,24 +93,31 @@ def test_control_errors(worker_env: WorkerEnv, layer: BuiltLayer) -> None:
     assert [m["mount_id"] for m in worker_env.control("worker.status")["mounts"]] == ["m1"]
 
 
-def test_mount_uses_the_fetchers_inode_table_and_falls_back_to_the_toc(
+def test_mount_uses_the_saved_inode_table_and_else_builds_and_saves_it(
         worker_env: WorkerEnv, layer: BuiltLayer) -> None:
     """worker.mount loads ``inodes_path`` (InodeTable.dumps) when it belongs to the TOC;
-    a damaged dump or one of another TOC is ignored with a warning and the TOC is parsed."""
+    a damaged dump or one of another TOC is ignored with a warning, a missing one silently,
+    and the table is built from the TOC and saved there, so the next mount loads it."""
     toc = TOC.parse(layer.toc_path.read_bytes(), layer.toc_digest)
+    expected = InodeTable.from_toc(toc).dumps(layer.toc_digest)
     good = worker_env.tmp / "good.msgpack"
-    good.write_bytes(InodeTable.from_toc(toc).dumps(layer.toc_digest))
+    good.write_bytes(expected)
     other = worker_env.tmp / "other.msgpack"
     other.write_bytes(InodeTable.from_toc(toc).dumps("sha256:" + "0" * 64))
     damaged = worker_env.tmp / "damaged.msgpack"
-    damaged.write_bytes(good.read_bytes()[:-100])
+    damaged.write_bytes(expected[:-100])
+    missing = worker_env.tmp / "nope"
     proc = worker_env.start_worker()
-    for name, dump in (("good", good), ("other", other), ("damaged", damaged), ("missing", worker_env.tmp / "nope")):
+    for name, dump in (("good", good), ("other", other), ("damaged", damaged), ("missing", missing)):
         mnt = worker_env.mount(layer, name, inodes_path=dump)
         assert check_tree(mnt, layer.tar) > 300
         warned = f"inode table {dump} unusable" in proc.log_text()
-        assert warned == (name != "good"), name
+        assert warned == (name in ("other", "damaged")), name
+        assert dump.read_bytes() == expected, name  # kept as it was, or saved by the worker
     assert "not version 1 of" in proc.log_text()  # the other TOC's dump is named as such
+    assert not list(worker_env.tmp.glob("*.tmp")), "a temporary dump was left behind"
+    worker_env.mount(layer, "again", inodes_path=missing)
+    assert proc.log_text().count(f"inode table {missing}") == 0
 
 
 def test_inode_table_dump_round_trips_and_damage_is_refused(layer: BuiltLayer) -> None:
