@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
+import json
 import os
 import tarfile
 import threading
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from lazyd.api.messages import ApiError
 from lazyd.estargz.inodes import InodeTable
 from tests.daemon.conftest import DaemonProc, via
 from tests.support.treecheck import check_tree
@@ -193,3 +196,47 @@ def test_mount_and_check_use_what_lazyd_already_knows(daemon_factory, busybox: E
             assert not check.registry_reachable and check.error and "unreachable" in check.error
     finally:
         reg.stop()
+
+
+def test_a_toc_the_fetcher_rejects_undoes_the_workers_mount(daemon_factory, registry: Registry,
+                                                            busybox: EStargzImage, tmp_path: Path) -> None:
+    """The worker mounts from the saved TOC while the fetcher parses it. A TOC whose digest
+    matches but whose last chunk starts at the TOC's own offset is accepted by the worker
+    (which is not told the TOC offset) and refused by the fetcher: the mount fails with the
+    fetcher's error, nothing stays mounted or recorded, and the next mount works."""
+    from tests.fuzz.blobs import toc_of as blob_toc, with_toc
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"f{i}").write_bytes(b"%d\n" % i * 1000)
+    tar_path = tmp_path / "layer.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for i in range(3):
+            tar.add(src / f"f{i}", arcname=f"f{i}")
+    (good,) = build_layers([tar_path], tmp_path / "esgz")
+    toc_offset, doc = blob_toc(good.blob.read_bytes())
+    last = [e for e in doc["entries"] if e["type"] in ("reg", "chunk") and e.get("offset")][-1]
+    last["offset"] = toc_offset
+    toc_json = json.dumps(doc).encode()
+    bad_blob = tmp_path / "bad.esgz"
+    bad_blob.write_bytes(with_toc(good.blob.read_bytes(), toc_json))
+    data = bad_blob.read_bytes()
+    bad = dataclasses.replace(good, blob=bad_blob, digest="sha256:" + hashlib.sha256(data).hexdigest(),
+                              size=len(data), toc_digest="sha256:" + hashlib.sha256(toc_json).hexdigest())
+    image = push_layers(registry.host, "late-refusal:t", [bad])
+
+    d = daemon_factory(extra=NO_BACKGROUND).start()
+    mp = d.mountpoint("late")
+    with d.client() as c:
+        with pytest.raises(ApiError) as exc:
+            c.mount(image.ref, bad.digest, str(mp), bad.toc_digest)
+        assert exc.value.code == "not_estargz", exc.value
+        assert f"is not before the TOC at {toc_offset}" in exc.value.message
+        assert not os.path.ismount(mp) and not any(mp.iterdir())
+        assert c.status().mounts == [] and not list((d.root / "mounts").glob("*.json"))
+        worker_log = "".join(p.read_text() for p in d.root.glob("workers/*/worker.log"))
+        assert " mounted " in worker_log and "unmounted " in worker_log  # it mounted, then it was undone
+        layer = busybox.layers[0]
+        c.mount(busybox.ref, layer.digest, str(mp), layer.toc_digest)
+        assert (mp / "bin/busybox").stat().st_size > 0
