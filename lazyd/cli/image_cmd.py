@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lazyd.cli.args import path_arg, registry_config
 from lazyd.cli.output import fail, format_table, human_bytes, print_json, progress
 from lazyd.cli.registry import add_global
 from lazyd.cli.workload_args import WorkloadUsageError, add_workload_args, workload_from_args
@@ -40,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
     plat = p.add_mutually_exclusive_group()
     plat.add_argument("--platform", metavar="P", help="os/arch[/variant] to convert (default: this host's)")
     plat.add_argument("--all-platforms", action="store_true", help="convert every platform and push an index")
-    p.add_argument("--prioritized", metavar="FILE", type=Path,
+    p.add_argument("--prioritized", metavar="FILE", type=path_arg,
                    help="file listing paths (one a line) to place first, before the prefetch landmark")
     p.add_argument("--chunk-size", metavar="N", type=int, help="eStargz chunk size in bytes")
     add_global(p, "json", default=False, help="print a JSON summary (no progress bar)")
@@ -53,7 +52,7 @@ def _convert(args: argparse.Namespace) -> int:
     import asyncio
 
     from lazyd.convert import ConvertError, ConvertOptions
-    from lazyd.registry import Reference, RegistryConfig, RegistryError
+    from lazyd.registry import Reference, RegistryError
 
     try:
         src, dst = Reference.parse(args.src), Reference.parse(args.dst)
@@ -67,11 +66,7 @@ def _convert(args: argparse.Namespace) -> int:
             prioritized = [line.strip() for line in args.prioritized.read_text().splitlines() if line.strip()]
         except OSError as exc:
             return fail(f"cannot read --prioritized file {args.prioritized}: {exc.strerror}", 2)
-    cfg = RegistryConfig()
-    if args.hosts_dir:
-        cfg = dataclasses.replace(cfg, hosts_dir=args.hosts_dir)
-    if args.plain_http:
-        cfg = dataclasses.replace(cfg, plain_http=[*cfg.plain_http, src.registry, dst.registry])
+    cfg = registry_config(args, src.registry, dst.registry)
     options = ConvertOptions(platform=args.platform, all_platforms=args.all_platforms,
                              chunk_size=args.chunk_size, prioritized=prioritized)
     try:
@@ -128,7 +123,7 @@ def _register_optimize(isub: argparse._SubParsersAction) -> None:  # noqa: SLF00
     p.add_argument("dst", metavar="DST", help="destination image reference (with a tag)")
     p.add_argument("--plain-http", action="store_true", help="allow plain HTTP for the hosts of SRC and DST")
     add_workload_args(p, "write the profile as JSON lines (the reference's record format, ctr-remote --record-in)")
-    p.add_argument("--prioritized-only", metavar="FILE", type=Path,
+    p.add_argument("--prioritized-only", metavar="FILE", type=path_arg,
                    help="use this record (ours or from ctr-remote image optimize --record-out) and run nothing")
     p.add_argument("--chunk-size", metavar="N", type=int, help="eStargz chunk size in bytes")
     add_global(p, "json", default=False, help="print a JSON summary (no progress)")
@@ -150,7 +145,7 @@ def _optimize(args: argparse.Namespace) -> int:
     from lazyd.convert import ConvertError
     from lazyd.profile.records import RecordError
     from lazyd.profile.workload import WorkloadError
-    from lazyd.registry import Reference, RegistryConfig, RegistryError
+    from lazyd.registry import Reference, RegistryError
 
     try:
         src, dst = Reference.parse(args.src), Reference.parse(args.dst)
@@ -161,11 +156,7 @@ def _optimize(args: argparse.Namespace) -> int:
         workload = workload_from_args(args)
     except (_UsageError, WorkloadUsageError, RegistryError) as exc:
         return fail(str(exc), 2)
-    cfg = RegistryConfig()
-    if args.hosts_dir:
-        cfg = dataclasses.replace(cfg, hosts_dir=args.hosts_dir)
-    if args.plain_http:
-        cfg = dataclasses.replace(cfg, plain_http=[*cfg.plain_http, src.registry, dst.registry])
+    cfg = registry_config(args, src.registry, dst.registry)
     show = not args.json and sys.stderr.isatty()
 
     def say(message: str) -> None:

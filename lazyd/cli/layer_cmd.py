@@ -6,7 +6,6 @@ import argparse
 import os
 import stat
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lazyd.cli.output import fail, human_bytes, print_json, print_table, progress
@@ -45,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
 
 
 def _read_prioritized(path: str) -> list[str]:
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
     return [line.strip() for line in lines if line.strip()]
 
 

@@ -10,12 +10,11 @@ lazyctl never writes lazyd's root itself: every change goes through lazyd's sock
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lazyd.cli.args import path_arg, registry_config
 from lazyd.cli.lazyctl import DEFAULT_SOCKET
 from lazyd.cli.output import fail, human_bytes, print_json, print_table
 from lazyd.cli.image_cmd import add_registry_args
@@ -23,7 +22,7 @@ from lazyd.cli.registry import add_global
 from lazyd.cli.workload_args import WorkloadUsageError, add_workload_args, workload_from_args
 
 if TYPE_CHECKING:
-    from lazyd.registry import Reference, RegistryConfig
+    from lazyd.registry import Reference
 
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}\Z")
 
@@ -65,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
 
     p = psub.add_parser("import", help="store a record file (JSON lines) as REF's profile")
     p.add_argument("ref", metavar="REF", help="image reference, or its manifest digest (sha256:…)")
-    p.add_argument("file", metavar="FILE", type=Path, help="records: ctr-remote's or lazyctl's --record-out")
+    p.add_argument("file", metavar="FILE", type=path_arg, help="records: ctr-remote's or lazyctl's --record-out")
     _common(p, registry=True)
     p.set_defaults(func=_import)
 
@@ -95,17 +94,6 @@ class _Failed(Exception):
         self.code = code
 
 
-def _registry_config(args: argparse.Namespace, ref: Reference) -> RegistryConfig:
-    from lazyd.registry import RegistryConfig
-
-    cfg = RegistryConfig()
-    if args.hosts_dir:
-        cfg = dataclasses.replace(cfg, hosts_dir=args.hosts_dir)
-    if args.plain_http:
-        cfg = dataclasses.replace(cfg, plain_http=[*cfg.plain_http, ref.registry])
-    return cfg
-
-
 def _parse_ref(text: str) -> Reference:
     from lazyd.registry import Reference, RegistryError
 
@@ -127,7 +115,7 @@ def _manifest_digest(args: argparse.Namespace) -> str:
     ref = _parse_ref(args.ref)
 
     async def resolve() -> str:
-        async with RegistryClient(_registry_config(args, ref)) as client:
+        async with RegistryClient(registry_config(args, ref.registry)) as client:
             return (await subject_of(client, ref)).digest
 
     try:
@@ -223,7 +211,7 @@ def _do_push(args: argparse.Namespace) -> int:
     ref = _parse_ref(args.ref)
 
     async def go() -> tuple[artifact.PushResult, int]:
-        async with RegistryClient(_registry_config(args, ref)) as client:
+        async with RegistryClient(registry_config(args, ref.registry)) as client:
             subject = await artifact.subject_of(client, ref)
             data: bytes = _daemon(args, "profile_get", {"manifest_digest": subject.digest}).records
             return await artifact.push(client, ref, data, subject), len(data)
@@ -255,7 +243,7 @@ def _do_pull(args: argparse.Namespace) -> int:
     ref = _parse_ref(args.ref)
 
     async def go() -> artifact.PulledProfile:
-        async with RegistryClient(_registry_config(args, ref)) as client:
+        async with RegistryClient(registry_config(args, ref.registry)) as client:
             subject = await artifact.subject_of(client, ref)
             return await artifact.pull(client, ref, subject.digest)
 

@@ -51,19 +51,39 @@ GLOBAL_OPTIONS: dict[str, GlobalOption] = {o.dest: o for o in (
 
 
 class _HelpFormatter(argparse.HelpFormatter):
-    """argparse's formatter, with the terminal width looked up once per process, not per argument."""
+    """argparse's formatter, with the terminal width looked up once per process and only when
+    help is formatted: argparse makes a formatter for every ``add_argument`` (to check its
+    metavar), and the look-up (``shutil``) cost every lazyctl start a few ms."""
 
-    _width: int | None = None
+    _columns: int | None = None  # the terminal's, less 2 (what HelpFormatter computes)
 
     def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
                  width: int | None = None) -> None:
-        if width is None:
-            if _HelpFormatter._width is None:
-                import shutil
+        self._asked_width = width
+        self._asked_max_help_position = max_help_position
+        super().__init__(prog, indent_increment, max_help_position, 0 if width is None else width)
 
-                _HelpFormatter._width = shutil.get_terminal_size().columns - 2  # what HelpFormatter computes
-            width = _HelpFormatter._width
-        super().__init__(prog, indent_increment, max_help_position, width)
+    @property  # type: ignore[override]
+    def _width(self) -> int:
+        if self._asked_width is not None:
+            return self._asked_width
+        if _HelpFormatter._columns is None:
+            import shutil
+
+            _HelpFormatter._columns = shutil.get_terminal_size().columns - 2
+        return _HelpFormatter._columns
+
+    @_width.setter
+    def _width(self, _value: int) -> None:
+        pass  # derived from the asked width or the terminal's
+
+    @property  # type: ignore[override]
+    def _max_help_position(self) -> int:
+        return min(self._asked_max_help_position, max(self._width - 20, self._indent_increment * 2))
+
+    @_max_help_position.setter
+    def _max_help_position(self, _value: int) -> None:
+        pass  # derived from the width, as HelpFormatter computes it
 
 
 class _Parser(argparse.ArgumentParser):

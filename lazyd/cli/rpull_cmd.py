@@ -9,12 +9,12 @@ runs here, with ``lazyd.containerd.pull.RemotePuller``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from lazyd.cli.args import registry_config
 from lazyd.cli.lazyctl import DEFAULT_SOCKET
 from lazyd.cli.output import fail, human_bytes, print_json, print_table, progress
 from lazyd.containerd import DEFAULT_ADDRESS, DEFAULT_NAMESPACE
@@ -176,15 +176,10 @@ async def _pull(args: argparse.Namespace, observer: _BarObserver) -> "PullResult
     from lazyd.containerd.client import ContainerdClient
     from lazyd.containerd.pull import RemotePuller
     from lazyd.containerd.source import LazydSource
-    from lazyd.registry import RegistryConfig
     from lazyd.registry.reference import Reference
 
     ref = Reference.parse(args.ref)
-    cfg = RegistryConfig()
-    if args.hosts_dir:
-        cfg = dataclasses.replace(cfg, hosts_dir=args.hosts_dir)
-    if args.plain_http:
-        cfg = dataclasses.replace(cfg, plain_http=[*cfg.plain_http, ref.registry])
+    cfg = registry_config(args, ref.registry)
     async with LazydSource(args.socket, cfg) as source, ContainerdClient(args.address, args.namespace) as containerd:
         puller = RemotePuller(containerd, source, args.snapshotter, observer=observer,
                               fallback_reasons=_lazyd_reasons(args.socket))

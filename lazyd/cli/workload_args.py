@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import TYPE_CHECKING
+
+from lazyd.cli.args import path_arg
 
 if TYPE_CHECKING:
     from lazyd.profile.workload import Workload
@@ -27,7 +28,7 @@ def add_workload_args(p: argparse.ArgumentParser, record_out_help: str) -> None:
     p.add_argument("--period", metavar="SECONDS", type=float, default=10.0,
                    help="stop the workload after this long (default 10); what it opened until then counts")
     p.add_argument("--network", action="store_true", help="give the workload the host's network (default: none)")
-    p.add_argument("--record-out", metavar="FILE", type=Path, help=record_out_help)
+    p.add_argument("--record-out", metavar="FILE", type=path_arg, help=record_out_help)
 
 
 def _json_list(text: str | None, option: str) -> list[str] | None:
