@@ -167,7 +167,10 @@ class RemotePuller:
             try:
                 for i, desc in enumerate(layers):
                     self.observer.layer_started(i, desc)
-                    layer = await self._unpack_layer(image, i, desc, layers, diff_ids[i], chain[i], parent, result)
+                    # Above a layer that was not there, none is (a chain ID names its parents): no Stat.
+                    absent = i > 0 and result.layers[-1].mode != "present"
+                    layer = await self._unpack_layer(image, i, desc, layers, diff_ids[i], chain[i], parent, result,
+                                                     absent)
                     log.debug("pull %s: layer %d %s in %.3fs (at %.3fs)", ref, i, layer.mode, layer.seconds,
                               time.monotonic() - started)
                     result.layers.append(layer)
@@ -231,16 +234,18 @@ class RemotePuller:
         await self.containerd.write_content(_ingest_ref(kind, desc.digest), desc, data, merged)
 
     async def _unpack_layer(self, image: Image, i: int, desc: Descriptor, layers: list[Descriptor],
-                            diff_id: str, chain_id: str, parent: str, result: PullResult) -> LayerResult:
+                            diff_id: str, chain_id: str, parent: str, result: PullResult,
+                            absent: bool = False) -> LayerResult:
         started = time.monotonic()
         out = LayerResult(index=i, digest=desc.digest, size=desc.size, chain_id=chain_id, mode="present")
         cd, sn = self.containerd, self.snapshotter
-        try:
-            await cd.stat(sn, chain_id)
-            out.seconds = time.monotonic() - started
-            return out
-        except NotFoundError:
-            pass
+        if not absent:
+            try:
+                await cd.stat(sn, chain_id)
+                out.seconds = time.monotonic() - started
+                return out
+            except NotFoundError:
+                pass
         labels = L.remote_snapshot_labels(
             ref=str(image.ref), chain_id=chain_id, layer_digest=desc.digest, layer_annotations=desc.annotations,
             later_layer_digests=[d.digest for d in layers[i:]], urls=desc.urls)
