@@ -518,7 +518,8 @@ class Daemon:
             self._claimed.add(mountpoint)
         started = time.monotonic()
         try:
-            toc = await self.layers.open_toc(ref, args.layer_digest, args.toc_digest, self.config.mount_timeout)
+            toc, opening = await self.layers.open_toc(ref, args.layer_digest, args.toc_digest,
+                                                      self.config.mount_timeout)
             if args.trace:
                 try:
                     handle = await self.supervisor.tracer()
@@ -534,7 +535,7 @@ class Daemon:
             # same TOC into its chunk index: two processes, so the two parses overlap.
             mounting = asyncio.ensure_future(self._worker_mount(handle, record, toc))
             try:
-                layer = await self.layers.open(ref, args.layer_digest, args.toc_digest, self.config.mount_timeout)
+                layer = await asyncio.shield(opening)
                 opened = time.monotonic()
                 await mounting
             except BaseException:

@@ -660,23 +660,27 @@ class LayerTable:
         pending, _ = self._start_open(ref, digest, toc_digest, timeout, parse_after)
         return await asyncio.shield(pending)
 
-    async def open_toc(self, ref: Reference, digest: str, toc_digest: str | None, timeout: float) -> TOCFile:
-        """Open the layer as ``open`` does, but return as soon as its TOC is verified and saved.
+    async def open_toc(self, ref: Reference, digest: str, toc_digest: str | None,
+                       timeout: float) -> tuple[TOCFile, asyncio.Future[Layer]]:
+        """Open the layer as ``open`` does, but return as soon as its TOC is verified and saved:
+        (the saved TOC, the open itself, to be awaited shielded).
 
         A worker can then build the layer's inode table from ``toc.json`` in its own process
-        while the fetcher parses the same TOC into its chunk index; ``open`` (which joins the
-        open under way) says whether the fetcher accepted the TOC.  Raises what ``open``
-        raises when the open fails before the TOC is saved.
+        while the fetcher parses the same TOC into its chunk index; the open says whether the
+        fetcher accepted it.  Raises what ``open`` raises when the open fails before the TOC
+        is saved.
         """
         layer = await self._opened(digest, toc_digest)
-        if layer is not None:
-            return layer.toc_file
-        pending, saved = self._start_open(ref, digest, toc_digest, timeout)
-        if not saved.done():
-            await asyncio.wait([saved, pending], return_when=asyncio.FIRST_COMPLETED)
-        if saved.done() and not saved.cancelled():
-            return saved.result()
-        return (await asyncio.shield(pending)).toc_file
+        if layer is None:
+            pending, saved = self._start_open(ref, digest, toc_digest, timeout)
+            if not saved.done():
+                await asyncio.wait([saved, pending], return_when=asyncio.FIRST_COMPLETED)
+            if saved.done() and not saved.cancelled():
+                return saved.result(), pending
+            layer = await asyncio.shield(pending)
+        opened: asyncio.Future[Layer] = asyncio.get_running_loop().create_future()
+        opened.set_result(layer)
+        return layer.toc_file, opened
 
     async def _opened(self, digest: str, toc_digest: str | None) -> Layer | None:
         """The layer if it is open or persisted (its TOC digest checked), else None."""
@@ -699,10 +703,12 @@ class LayerTable:
             self._opening[digest] = pending
             self._tocs[digest] = saved
 
-            def done(_f: asyncio.Future[Layer]) -> None:
+            def done(f: asyncio.Future[Layer]) -> None:
                 self._opening.pop(digest, None)
                 if not self._tocs.pop(digest, saved).done():
                     saved.cancel()  # the open failed before its TOC was saved
+                if not f.cancelled():
+                    f.exception()  # retrieved: whoever awaits it reports it (a mount may have given up first)
             pending.add_done_callback(done)
         return pending, self._tocs[digest]
 

@@ -16,6 +16,7 @@ import pytest
 from lazyd.api.messages import ApiError
 from lazyd.estargz.inodes import InodeTable
 from tests.daemon.conftest import DaemonProc, via
+from tests.fuzz.blobs import toc_of as blob_toc, with_toc
 from tests.support.treecheck import check_tree
 from tests.support.estargz_images import EStargzImage, build_layers, push_layers
 from tests.support.layer_fetch import fetch_concurrently, toc_of
@@ -203,9 +204,7 @@ def test_a_toc_the_fetcher_rejects_undoes_the_workers_mount(daemon_factory, regi
     """The worker mounts from the saved TOC while the fetcher parses it. A TOC whose digest
     matches but whose last chunk starts at the TOC's own offset is accepted by the worker
     (which is not told the TOC offset) and refused by the fetcher: the mount fails with the
-    fetcher's error, nothing stays mounted or recorded, and the next mount works."""
-    from tests.fuzz.blobs import toc_of as blob_toc, with_toc
-
+    fetcher's error (its TOC read once), nothing stays mounted or recorded, and the next mount works."""
     src = tmp_path / "src"
     src.mkdir()
     for i in range(3):
@@ -228,11 +227,13 @@ def test_a_toc_the_fetcher_rejects_undoes_the_workers_mount(daemon_factory, regi
 
     d = daemon_factory(extra=NO_BACKGROUND).start()
     mp = d.mountpoint("late")
-    with d.client() as c:
+    with d.client() as c, TCPProxy(registry.port) as proxy:
         with pytest.raises(ApiError) as exc:
-            c.mount(image.ref, bad.digest, str(mp), bad.toc_digest)
+            c.mount(via(image.ref, proxy), bad.digest, str(mp), bad.toc_digest)
         assert exc.value.code == "not_estargz", exc.value
         assert f"is not before the TOC at {toc_offset}" in exc.value.message
+        gets = [r for r in proxy.requests() if r.method == "GET" and r.path.endswith(bad.digest)]
+        assert len(gets) == 1, gets  # one tail read: the refused TOC is not fetched again
         assert not os.path.ismount(mp) and not any(mp.iterdir())
         assert c.status().mounts == [] and not list((d.root / "mounts").glob("*.json"))
         worker_log = "".join(p.read_text() for p in d.root.glob("workers/*/worker.log"))
