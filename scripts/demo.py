@@ -120,8 +120,10 @@ def main() -> int:
         run_s, run_out = timed_ctr(containerd, "run", "--rm", plain_ref, "demo-plain", *hello)
 
         step("lazy pull: lazyctl rpull + ctr run --snapshotter lazyd")
-        rpull_s, _ = timed("lazyctl", "rpull", "--plain-http", "--address", containerd.address,
-                           "--snapshotter", "lazyd", esgz_ref)
+        # Through the running lazyd (its socket): the pull a user of a lazyd node makes.
+        rpull_s, rpull_out = timed("lazyctl", "rpull", "--plain-http", "--json", "--socket", str(sock),
+                                   "--address", containerd.address, "--snapshotter", "lazyd", esgz_ref)
+        pulled_by = json.loads(rpull_out)["pulled_by"]
         lrun_s, lrun_out = timed_ctr(containerd, "run", "--rm", "--snapshotter", "lazyd", esgz_ref,
                                      "demo-lazy", *hello)
         print(lrun_out.strip())
@@ -144,7 +146,9 @@ def main() -> int:
         print("  ".join("-" * w for w in widths))
         for row in rows:
             print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
-        print(f"\nspeed-up to first output: {(pull_s + run_s) / (rpull_s + lrun_s):.1f}x")
+        by = "the running lazyd" if pulled_by == "lazyd" else "lazyctl itself (lazyd's socket did not answer)"
+        print(f"\nthe lazy pull was done by {by}")
+        print(f"speed-up to first output: {(pull_s + run_s) / (rpull_s + lrun_s):.1f}x")
         assert "hello from a lazily pulled container" in run_out + lrun_out
     return 0
 
