@@ -70,10 +70,10 @@ from lazyd.api.messages import (
 )
 from lazyd import mounttable
 from lazyd.api.server import Handler, Server
+from lazyd.atomicfile import atomic_write
 from lazyd.cache.store import ChunkStore
 from lazyd.config import DaemonConfig
-from lazyd.fetcher.layers import (Layer, LayerTable, Member, ProfilePlan, TOCFile, atomic_write, profile_plan,
-                                  registry_error)
+from lazyd.fetcher.layers import Layer, LayerTable, Member, ProfilePlan, TOCFile, profile_plan, registry_error
 from lazyd.fetcher.profiles import ProfileFinder, ProfileUse
 from lazyd.fetcher.scheduler import Scheduler
 from lazyd.fetcher.workers import Supervisor, WorkerError, WorkerHandle

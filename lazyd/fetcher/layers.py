@@ -55,6 +55,7 @@ from lazyd.estargz import (
     decode_toc_member,
     read_footer,
 )
+from lazyd.atomicfile import atomic_write
 from lazyd.estargz.toc import MAX_TOC_MEMBER_SIZE
 from lazyd.registry import (
     Descriptor,
@@ -920,19 +921,6 @@ def _parse_toc(json_bytes: bytes, meta: LayerMeta, d: Path) -> tuple[ChunkIndex,
     atomic_write(d / INDEX_FILE, index.dumps(meta.toc_digest), sync=False)
     atomic_write(d / META_FILE, json.dumps(asdict(meta)).encode())
     return index, entries
-
-
-def atomic_write(path: Path, data: bytes, sync: bool = True) -> None:
-    """Replace ``path`` with ``data`` (mode 0600) so that readers see the old or the new file;
-    ``sync`` makes it durable first."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        if sync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 PROFILE_GAP = 32 * 1024

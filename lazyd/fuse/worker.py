@@ -29,6 +29,7 @@ import llfuse
 
 from lazyd.api import messages, wire
 from lazyd.api.messages import ApiError
+from lazyd.atomicfile import atomic_write
 from lazyd.cache.store import ChunkStore
 from lazyd.estargz import TOC, EStargzError
 from lazyd import logsetup
@@ -253,16 +254,9 @@ class Worker:
         except (EStargzError, InodeTableError) as exc:
             raise ApiError(messages.INVALID_REQUEST, f"worker.mount: TOC of {args.layer_digest}: {exc}") from exc
         if saved is not None:
-            # A file of its own per writer, renamed into place: two workers mounting the same
-            # layer at once each replace the dump whole.
-            tmp = saved.with_name(f"{saved.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(table.dumps(args.toc_digest))
-                os.replace(tmp, saved)
+            try:  # a derived cache (checked when loaded): no fsync
+                atomic_write(saved, table.dumps(args.toc_digest), sync=False)
             except OSError as exc:
-                tmp.unlink(missing_ok=True)
                 log.warning("cannot save the inode table of %s at %s: %s", args.layer_digest, saved, exc)
         return table
 

@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from lazyd.atomicfile import atomic_write
 from lazyd.profile import records as rec
 from lazyd.profile.records import Record, RecordError
 
@@ -99,21 +100,14 @@ class ProfileStore:
         target = self.path(manifest_digest)
         if not target.exists():
             self._make_room()
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+            atomic_write(target, data)
             dfd = os.open(self.directory, os.O_RDONLY)
             try:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise ProfileStoreError(f"cannot store the profile for {manifest_digest} in {self.directory}: "
                                     f"{exc.strerror or exc}") from None
         return records
