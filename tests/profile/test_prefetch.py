@@ -122,15 +122,6 @@ def put_profile(d: DaemonProc, digest: str, recs: list[Record]) -> None:
         c.request("profile_put", {"manifest_digest": digest, "records": dumps(recs).encode()})
 
 
-def mount_first_layer(d: DaemonProc, image: EStargzImage, proxy: RangeLogProxy, name: str) -> Path:
-    """Mount ``image``'s first layer (through ``proxy``) at a new mountpoint ``name``; returns it."""
-    layer = image.layers[0]
-    mp = d.mountpoint(name)
-    with d.client() as c:
-        c.mount(via(image.ref, proxy), layer.digest, str(mp), layer.toc_digest)
-    return mp
-
-
 def mount_status(d: DaemonProc, mp: Path) -> dict:
     with d.client() as c:
         st = c.status().to_dict()
@@ -150,7 +141,7 @@ def test_profile_prefetch_coalesced_before_the_mount_returns(
                Record("app/small", image.manifest_digest, 0), Record("app/after/x.py", foreign, 0)])
     d = daemon_factory(extra=CONFIG.format(mode="local")).start()
     put_profile(d, image.manifest_digest, recs)
-    mp = mount_first_layer(d, image, proxy, "plain")
+    mp = d.mount_layer(via(image.ref, proxy), image.layers[0], "plain")
     fetches = profile_fetches(proxy, layer.digest, layer.size)
     spans = members_of(layer.blob, profiled + ["app/small/f045"])
     # 24 files (the hardlink's target among them) in ONE request of one range: they are neighbours.
@@ -189,7 +180,7 @@ def test_scattered_files_are_fetched_in_far_fewer_requests_than_files(
     profiled = [f"app/small/f{i:03d}" for i in range(0, SMALL, 2)]  # 30 files, 29 gaps
     d = daemon_factory(extra=CONFIG.format(mode="local")).start()
     put_profile(d, image.manifest_digest, [Record(p, image.manifest_digest, 0) for p in profiled])
-    mp = mount_first_layer(d, image, proxy, "scattered")
+    mp = d.mount_layer(via(image.ref, proxy), image.layers[0], "scattered")
     fetches = profile_fetches(proxy, layer.digest, layer.size)
     assert len(fetches) == 1, fetches  # one request for 30 files
     (ranges,) = fetches
@@ -209,7 +200,7 @@ def test_profile_and_landmark_prefetch_share_one_request_and_no_byte(
     profiled = [f"app/small/f{i:03d}" for i in range(3, 12)]  # f003, f004 are before the landmark too
     d = daemon_factory(extra=CONFIG.format(mode="local")).start()
     put_profile(d, image.manifest_digest, [Record(p, image.manifest_digest, 0) for p in profiled])
-    mp = mount_first_layer(d, image, proxy, "landmark")
+    mp = d.mount_layer(via(image.ref, proxy), image.layers[0], "landmark")
     fetches = profile_fetches(proxy, layer.digest, layer.size)
     assert len(fetches) == 1, fetches
     ranges = sorted(fetches[0])
@@ -230,7 +221,7 @@ def test_profile_for_another_image_is_ignored(
     # A profile stored for the other image (whose records name that image) does not apply here.
     put_profile(d, other.manifest_digest, [Record(f"app/small/f{i:03d}", other.manifest_digest, 0)
                                            for i in range(10)])
-    mp = mount_first_layer(d, image, proxy, "other")
+    mp = d.mount_layer(via(image.ref, proxy), image.layers[0], "other")
     assert profile_fetches(proxy, layer.digest, layer.size) == []
     m = mount_status(d, mp)
     assert m["profile"] is None and m["profile_bytes"] == 0
@@ -246,7 +237,7 @@ def test_damaged_local_profile_is_one_log_line_and_a_normal_lazy_pull(
     put_profile(d, image.manifest_digest, [Record("app/small/f001", image.manifest_digest, 0)])
     stored = d.root / "profiles" / f"{image.manifest_digest.split(':')[1]}.jsonl"
     stored.write_bytes(b'{"path": "app/small/f001", "layerIndex": 0}\n{"path": \n')  # damaged on disk
-    mp = mount_first_layer(d, image, proxy, "damaged")
+    mp = d.mount_layer(via(image.ref, proxy), image.layers[0], "damaged")
     lines = [line for line in d.log.read_text().splitlines() if "ignoring the local profile" in line]
     assert len(lines) == 1, lines
     assert image.manifest_digest in lines[0] and "line 2: not JSON" in lines[0]
@@ -274,7 +265,7 @@ def test_registry_profile_is_pulled_on_mount_and_stored(
     pushed = _push_profile(image, registry, data)
     assert pushed.method == "referrers-tag"
     d = daemon_factory(extra=CONFIG.format(mode="registry")).start()
-    mp = mount_first_layer(d, image, proxy, "reg")
+    mp = d.mount_layer(via(image.ref, proxy), image.layers[0], "reg")
     with d.client() as c:
         assert c.request("profile_get", {"manifest_digest": image.manifest_digest}).records == data
     m = mount_status(d, mp)
@@ -301,7 +292,7 @@ def test_damaged_registry_profile_is_one_log_line_and_a_normal_lazy_pull(
     blob = registry.blob_path(digest_of(data))
     blob.write_bytes(blob.read_bytes().replace(b"f001", b"f00X"))  # corrupt the records blob in the registry
     d = daemon_factory(extra=CONFIG.format(mode="registry")).start()
-    mp = mount_first_layer(d, image, proxy, "regdamaged")
+    mp = d.mount_layer(via(image.ref, proxy), image.layers[0], "regdamaged")
     lines = [line for line in d.log.read_text().splitlines() if "ignoring the registry profile" in line]
     assert len(lines) == 1, lines
     assert image.manifest_digest in lines[0] and "does not match its digest" in lines[0]
