@@ -21,8 +21,10 @@ from lazyd.estargz.toc import (
     TOC,
     TOC_TAR_NAME,
     Chunk,
+    Payload,
     TOCEntry,
     decode_toc_member,
+    parse_payload,
 )
 from lazyd.estargz.names import normalize_name
 from lazyd.estargz.verify import VerifyReport, verify_blob
@@ -30,8 +32,9 @@ from lazyd.estargz.writer import BuildOptions, BuildResult, build
 __all__ = [
     "FOOTER_SIZE", "LEGACY_FOOTER_SIZE", "NO_PREFETCH_LANDMARK", "PREFETCH_LANDMARK", "TOC", "TOC_TAR_NAME",
     "BuildError", "Chunk", "ChunkDigestMismatch", "EStargzError", "Footer", "FooterError", "NotARegularFileError",
-    "RangeSource", "Reader", "TOCDigestMismatch", "TOCEntry", "TOCError", "TruncatedBlobError", "UnsafePathError",
-    "decode_chunk", "decode_toc_member", "file_source", "footer_bytes", "normalize_name", "open_file",
-    "parse_footer", "read_footer", "BuildOptions", "BuildResult", "build", "VerifyReport", "verify_blob",
+    "Payload", "RangeSource", "Reader", "TOCDigestMismatch", "TOCEntry", "TOCError", "TruncatedBlobError",
+    "UnsafePathError", "decode_chunk", "decode_toc_member", "file_source", "footer_bytes", "normalize_name",
+    "open_file", "parse_footer", "parse_payload", "read_footer", "BuildOptions", "BuildResult", "build",
+    "VerifyReport", "verify_blob",
 ]
 

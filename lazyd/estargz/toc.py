@@ -14,14 +14,17 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from lazyd.estargz.entries import ENTRY_TYPES, MAX_FILE_SIZE, Chunk, TOCEntry, decode_entries
+from lazyd.estargz.entries import (ENTRY_TYPES, MAX_FILE_SIZE, Chunk, PayloadEntry, TOCEntry, decode_entries,
+                                   decode_payload_entries)
 from lazyd.estargz.errors import EStargzError, TOCDigestMismatch, TOCError, TruncatedBlobError, UnsafePathError
 from lazyd.estargz.gzipio import DECOMPRESS_ERRORS, MemberReader
 from lazyd.estargz.names import normalize_name, parent_of  # noqa: F401 (re-exported)
 
-__all__ = ["ENTRY_TYPES", "MAX_FILE_SIZE", "MAX_TOC_JSON_SIZE", "MAX_TOC_MEMBER_SIZE", "TOC", "Chunk", "TOCEntry", "decode_toc_member", "normalize_name",
-           "parent_of", "toc_digest"]
+__all__ = ["ENTRY_TYPES", "MAX_FILE_SIZE", "MAX_TOC_JSON_SIZE", "MAX_TOC_MEMBER_SIZE", "TOC", "Chunk", "Payload", "TOCEntry", "decode_toc_member",
+           "normalize_name", "parent_of", "parse_payload", "toc_digest"]
 
 TOC_TAR_NAME = "stargz.index.json"
 PREFETCH_LANDMARK = ".prefetch.landmark"
@@ -220,15 +223,56 @@ class TOC:
         return sorted(self._by_name)
 
 
-def _chunk_table(entries: list[TOCEntry], toc_offset: int | None) -> list[Chunk]:
+@dataclass(frozen=True)
+class Payload:
+    """Where a TOC's payload lies (``parse_payload``): its chunks in blob order and the landmarks."""
+
+    chunks: list[Chunk]
+    prefetch_end: int | None  # blob offset of ``.prefetch.landmark``'s member
+    no_prefetch: bool  # the layer has ``.no.prefetch.landmark``
+    entries: int
+
+
+def parse_payload(json_bytes: bytes, toc_offset: int, expected_digest: str | None = None) -> Payload:
+    """The chunk table and landmarks of a TOC (its digest checked against ``expected_digest``
+    if given: ``decode_toc_member`` may have done it).
+
+    What a fetcher needs, in about 40% of ``TOC.parse``'s time: it validates the payload
+    layout as ``TOC.parse`` does (same chunk table, same errors), and the names, sizes and
+    digests it reads; modes, owners, times, links and the entry tree are the filesystem's.
+    Later entries win a name, as in ``TOC.parse``.
+    """
+    if expected_digest is not None and (digest := toc_digest(json_bytes)) != expected_digest:
+        raise TOCDigestMismatch(f"TOC digest is {digest}, expected {expected_digest}")
+    if len(json_bytes) > MAX_TOC_JSON_SIZE:
+        raise TOCError(f"TOC JSON of {len(json_bytes)} bytes is larger than {MAX_TOC_JSON_SIZE}")
+    if toc_offset < 0:
+        raise TOCError(f"TOC offset {toc_offset} is negative")
+    entries = decode_payload_entries(json_bytes)
+    chunks = _chunk_table(entries, toc_offset)
+    landmark: PayloadEntry | None = None
+    no_prefetch = False
+    for e in entries:
+        name = e.name
+        if e.type == "chunk":
+            continue
+        if name == PREFETCH_LANDMARK:
+            landmark = e
+        elif name == NO_PREFETCH_LANDMARK or name.startswith(NO_PREFETCH_LANDMARK + "/"):
+            no_prefetch = True  # (a parent of a name is a name of the tree too)
+    prefetch_end = landmark.chunks[0].blob_offset if landmark is not None and landmark.chunks else None
+    return Payload(chunks, prefetch_end, no_prefetch, len(entries))
+
+
+def _chunk_table(entries: Sequence[PayloadEntry], toc_offset: int | None) -> list[Chunk]:
     """Validate payload layout and return chunks in blob order (blob_end filled); each regular
     file's ``chunks`` are set."""
-    pending: list[tuple[TOCEntry, TOCEntry]] = []  # (chunk-bearing entry, its file), blob_end unknown yet
+    pending: list[tuple[PayloadEntry, PayloadEntry]] = []  # (chunk-bearing entry, its file), blob_end unknown yet
     append = pending.append
-    file: TOCEntry | None = None
+    file: PayloadEntry | None = None
     fsize = covered = 0
     last_offset = last_inner = -1  # (offset, innerOffset) of the previous chunk, which is last_at
-    last_at: tuple[int, TOCEntry] | None = None
+    last_at: tuple[int, PayloadEntry] | None = None
     for i, e in enumerate(entries):
         kind = e.type
         if kind == "chunk":
@@ -282,7 +326,7 @@ def _chunk_table(entries: list[TOCEntry], toc_offset: int | None) -> list[Chunk]
     end = toc_offset
     next_offset: int | None = None
     run: list[Chunk] = []
-    run_file: TOCEntry | None = None
+    run_file: PayloadEntry | None = None
     for e, f in reversed(pending):
         offset = e.offset
         if next_offset is not None and offset != next_offset:
@@ -304,7 +348,7 @@ def _chunk_table(entries: list[TOCEntry], toc_offset: int | None) -> list[Chunk]
     return chunks
 
 
-def _at(i: int, e: TOCEntry) -> str:
+def _at(i: int, e: PayloadEntry) -> str:
     return f"entry {i} {e.name!r}"
 
 

@@ -537,6 +537,12 @@ class Daemon:
             try:
                 layer = await asyncio.shield(opening)
                 opened = time.monotonic()
+                # The prefetch starts with the fetcher's chunk index, not after the worker's
+                # mount: the link is busy while the worker builds its inode table.  A mount
+                # that fails after all cancels it (``_forget_mount``).
+                plan = None if args.trace or not self.config.prefetch else await self._profile_plan(ref, layer,
+                                                                                                    record)
+                prefetch = self._start_background(layer.digest, plan, record)
                 await mounting
             except BaseException:
                 await self._undo_worker_mount(handle, record, mounting)
@@ -556,8 +562,6 @@ class Daemon:
         finally:
             self._claimed.discard(mountpoint)
         wait = self.config.prefetch_wait if args.prefetch_wait is None else args.prefetch_wait
-        plan = None if args.trace or not self.config.prefetch else await self._profile_plan(ref, layer, record)
-        prefetch = self._start_background(layer.digest, plan, record)
         if prefetch is not None and wait:
             try:
                 await asyncio.wait_for(asyncio.shield(prefetch), self.config.prefetch_timeout)

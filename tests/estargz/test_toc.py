@@ -22,6 +22,7 @@ from lazyd.estargz import (
     decode_toc_member,
     footer_bytes,
     parse_footer,
+    parse_payload,
 )
 from tests.support.tocs import D, reg, toc_json
 
@@ -99,18 +100,15 @@ def test_chunk_entries_and_blob_ends() -> None:
     assert TOC.parse(toc_json(reg("a", 3, 300))).chunks[0].blob_end is None
 
 
-@pytest.mark.parametrize("entries, error, message", [
+# Bad payload fields: refused by TOC.parse and by the fetcher's parse_payload, with one error.
+PAYLOAD_FAULTS = [
     ([{"name": "x", "type": "weird"}], TOCError, "unknown type 'weird'"),
     ([{"type": "reg"}], TOCError, "missing field 'name'"),
     ([{"name": "x"}], TOCError, "missing field 'type'"),
-    ([{"name": "x", "type": "symlink"}], TOCError, "missing field 'linkName'"),
     ([reg("x", 3, 0)], TOCError, "missing field 'offset'"),
     ([reg("a", 3, 300), reg("b", 3, 200)], TOCError, "non-monotonic offset 200"),
     ([reg("a", 3, 300), reg("b", 3, 300)], TOCError, "duplicate offset 300"),
     ([reg("etc/pass\x00wd", 3, 300)], UnsafePathError, "entry 0 name 'etc/pass\\\\x00wd' contains a NUL byte"),
-    ([{"name": "l", "type": "hardlink", "linkName": "x\x00"}], UnsafePathError, "hardlink target 'x\\\\x00' contains a NUL"),
-    ([{"name": "l", "type": "hardlink", "linkName": "../../x"}], TOCError, "points at 'x', which is not in the layer"),
-    ([{"name": "/", "type": "symlink", "linkName": "x"}], TOCError, "the layer root is a symlink"),
     ([reg("a", 1 << 60, 300)], TOCError, "size 1152921504606846976 is absurd"),
     ([reg("a", -1, 300)], TOCError, "size is negative"),
     ([reg("a", "3", 300)], TOCError, "size must be an integer"),
@@ -118,15 +116,53 @@ def test_chunk_entries_and_blob_ends() -> None:
     ([{"name": "a", "type": "reg", "size": 3, "offset": 9}], TOCError, "missing field 'chunkDigest'"),
     ([reg("a", 10, 300, chunkSize=4)], TOCError, "chunks cover 4 of 10 bytes"),
     ([{"name": "a", "type": "chunk", "offset": 5, "chunkDigest": D}], TOCError, "does not follow"),
+    ([reg("a", 3, 5000)], TOCError, "not before the TOC at 1000"),
+]
+# Bad metadata (links, times, xattrs, the tree): TOC.parse's (the worker's) to refuse.
+METADATA_FAULTS = [
+    ([{"name": "x", "type": "symlink"}], TOCError, "missing field 'linkName'"),
+    ([{"name": "l", "type": "hardlink", "linkName": "x\x00"}], UnsafePathError, "hardlink target 'x\\\\x00' contains a NUL"),
+    ([{"name": "l", "type": "hardlink", "linkName": "../../x"}], TOCError, "points at 'x', which is not in the layer"),
+    ([{"name": "/", "type": "symlink", "linkName": "x"}], TOCError, "the layer root is a symlink"),
     ([reg("a", 3, 300, modtime="yesterday")], TOCError, "modtime 'yesterday'"),
     ([reg("a", 3, 300, xattrs={"user.x": "!!"})], TOCError, "not valid base64"),
     ([{"name": "l", "type": "hardlink", "linkName": "nowhere"}], TOCError, "not in the layer"),
     ([reg("f", 3, 300), reg("f/g", 3, 400)], TOCError, "which is a reg, not a directory"),
-    ([reg("a", 3, 5000)], TOCError, "not before the TOC at 1000"),
-])
+]
+
+
+@pytest.mark.parametrize("entries, error, message", PAYLOAD_FAULTS + METADATA_FAULTS)
 def test_malformed_entries(entries: list[dict[str, object]], error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
         TOC.parse(toc_json(*entries), toc_offset=1000)
+
+
+@pytest.mark.parametrize("entries, error, message", PAYLOAD_FAULTS)
+def test_payload_refuses_what_toc_parse_refuses_in_the_fields_it_reads(
+        entries: list[dict[str, object]], error: type[Exception], message: str) -> None:
+    """The fetcher's parse (``parse_payload``) refuses a bad payload field with TOC.parse's error."""
+    with pytest.raises(error, match=message):
+        parse_payload(toc_json(*entries), 1000)
+
+
+def test_payload_leaves_metadata_to_the_filesystem_and_matches_toc_parse() -> None:
+    """What is not about payload (times, xattrs, links, the tree) is the worker's to refuse;
+    on a TOC both accept, the chunk table and landmarks are TOC.parse's."""
+    for entries, _, _ in METADATA_FAULTS:
+        assert parse_payload(toc_json(*entries), 1000).entries == len(entries)
+    doc = toc_json({"name": "./", "type": "dir"}, reg("./usr/bin/a", 10, 100, chunkSize=4),
+                   {"type": "chunk", "offset": 150, "chunkOffset": 4, "chunkSize": 6, "chunkDigest": D},
+                   reg("/.prefetch.landmark", 2, 250, chunkSize=1),
+                   {"name": ".prefetch.landmark", "type": "chunk", "offset": 260, "chunkOffset": 1, "chunkSize": 1,
+                    "chunkDigest": D}, reg("b", 3, 300),
+                   {"name": ".no.prefetch.landmark/x", "type": "dir"})
+    want = TOC.parse(doc, toc_offset=1000)
+    got = parse_payload(doc, 1000, want.digest)
+    assert got.chunks == want.chunks and len(got.chunks) == 5
+    assert got.prefetch_end == want.prefetch_end == 250
+    assert got.no_prefetch and want.no_prefetch  # an implied parent directory is a name too
+    with pytest.raises(TOCDigestMismatch):
+        parse_payload(doc, 1000, "sha256:" + "0" * 64)
 
 
 def test_not_json_and_digest_mismatch() -> None:

@@ -15,7 +15,7 @@ import zlib
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from lazyd.estargz import TOC, EStargzError, decode_toc_member
+from lazyd.estargz import TOC, EStargzError, decode_toc_member, parse_payload
 from tests.fuzz.conftest import FUZZ, CaseCounter, guarded
 from tests.fuzz.strategies import json_values, mutated
 from tests.fuzz.toc_docs import member_of, plausible_documents, tar_of, toc_documents
@@ -43,12 +43,19 @@ def check_member(member: bytes) -> None:
 def check_parse(toc_json: bytes, toc_offset: int | None = None) -> TOC | None:
     out = guarded(lambda: TOC.parse(toc_json, toc_offset=toc_offset), (EStargzError,),
                   max_bytes=toc_budget(len(toc_json)))
+    payload = guarded(lambda: parse_payload(toc_json, toc_offset or 0), (EStargzError,),
+                      max_bytes=toc_budget(len(toc_json))) if toc_offset is not None else None
     if out.error is not None:
         assert str(out.error)
         event(f"TOC.parse: {type(out.error).__name__}")
         return None
     event("TOC.parse: parsed")
     check_toc(out.result, toc_offset)
+    if payload is not None:
+        # The fetcher's parse accepts every TOC that TOC.parse accepts, with the same chunk table.
+        assert payload.error is None, payload.error
+        got, want = payload.result, out.result
+        assert (got.chunks, got.prefetch_end, got.no_prefetch) == (want.chunks, want.prefetch_end, want.no_prefetch)
     return out.result
 
 

@@ -14,7 +14,8 @@ from lazyd.estargz.entries import ENTRY_TYPES
 from tests.fuzz.strategies import json_values
 
 DIGEST = "sha256:" + "ab" * 32
-_COMPONENTS = ["a", "b", "etc", "..", ".", "", ".wh.x", ".wh..wh..opq", ".prefetch.landmark", "x\u00e9", " "]
+_COMPONENTS = ["a", "b", "etc", "..", ".", "", ".wh.x", ".wh..wh..opq", ".prefetch.landmark", ".no.prefetch.landmark",
+               "x\u00e9", " "]
 
 
 @st.composite
@@ -92,7 +93,7 @@ _VALID_MODTIMES = st.sampled_from(["2023-11-14T22:13:20Z", "1970-01-01T00:00:00Z
 @st.composite
 def non_root_names(draw: st.DrawFn) -> str:
     """Like ``names`` but never the layer root: the last component is a real name."""
-    last = draw(st.sampled_from(["a", "b", "etc", "x\u00e9", ".wh.x", ".prefetch.landmark"]))
+    last = draw(st.sampled_from(["a", "b", "etc", "x\u00e9", ".wh.x", ".prefetch.landmark", ".no.prefetch.landmark"]))
     return draw(names()).rstrip("/") + "/" + last + draw(st.sampled_from(["", "/"]))
 
 
