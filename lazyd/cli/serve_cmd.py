@@ -15,12 +15,6 @@ from lazyd.cli.registry import add_global
 from lazyd.config import DaemonConfig, load_config
 from lazyd.configfile import ConfigError
 
-SWITCH_INTERVAL = 0.001
-"""Seconds a thread holds the GIL before another that wants it gets it (Python's default: 0.005).
-The event loop shares the fetcher's process with threads that parse TOCs and store chunks in
-Python loops; at 5 ms each step of a pull (a request sent, a mount answered) could wait up to
-5 ms behind them (docs/design.md, "Pull step")."""
-
 
 def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
     """Add ``serve``."""
@@ -44,7 +38,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"lazyd serve: {exc}", file=sys.stderr)
         return 2
     logsetup.configure(config.log_level, config.log_format, "lazyd")
-    sys.setswitchinterval(SWITCH_INTERVAL)
     return asyncio.run(_serve(config))
 
 
