@@ -23,8 +23,8 @@ from lazyd.estargz.errors import EStargzError, TOCDigestMismatch, TOCError, Trun
 from lazyd.estargz.gzipio import DECOMPRESS_ERRORS, MemberReader
 from lazyd.estargz.names import normalize_name, parent_of  # noqa: F401 (re-exported)
 
-__all__ = ["ENTRY_TYPES", "MAX_FILE_SIZE", "MAX_TOC_JSON_SIZE", "MAX_TOC_MEMBER_SIZE", "TOC", "Chunk", "Payload", "TOCEntry", "decode_toc_member",
-           "normalize_name", "parent_of", "parse_payload", "toc_digest"]
+__all__ = ["ENTRY_TYPES", "MAX_FILE_SIZE", "MAX_TOC_JSON_SIZE", "MAX_TOC_MEMBER_SIZE", "TOC", "Chunk", "Payload",
+           "TOCEntry", "decode_toc_member", "normalize_name", "parent_of", "parse_payload", "toc_digest"]
 
 TOC_TAR_NAME = "stargz.index.json"
 PREFETCH_LANDMARK = ".prefetch.landmark"
