@@ -107,6 +107,11 @@ def measure(system: str, variant: str, ref: str, proxy: TCPProxy, work: Path, n:
             run, size = _walk(pulled.cd, ref, f"walk{n}", "overlayfs" if system == "download" else PROXY_SNAPSHOTTER)
             fallbacks = pulled.fallbacks()
         nbytes, nreq = proxy.bytes_down, len(proxy.requests())
+        if fallbacks:  # the stack's own words on it, before its root goes
+            for log in sorted(root.rglob("*.log")):
+                lines = log.read_text(errors="replace").splitlines()
+                for line in [x for x in lines if " WARNING " in x or " ERROR " in x][-5:]:
+                    print(f"#   {log.relative_to(root)}: {line}", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     if fallbacks:

@@ -133,6 +133,20 @@ class ChunkStore:
             found.update(by_code[row[0]] for row in rows)
         return found
 
+    def stored_between(self, layer: str, start: int, end: int) -> set[tuple[int, int]]:
+        """The (blob offset, inner offset) of every stored chunk of ``layer`` whose blob offset is in
+        ``[start, end)``: one read-only query of the key index's range (keys sort by layer, then
+        by the fixed-width blob offset), so its cost follows what is stored, not what is asked."""
+        rows = self._cache._sql(  # noqa: SLF001 - read-only query of diskcache's table
+            "SELECT key FROM Cache WHERE key >= ? AND key < ? AND raw = 1"
+            " AND (expire_time IS NULL OR expire_time > ?)",
+            (f"{layer}@{start:016x}", f"{layer}@{end:016x}", time.time())).fetchall()
+        found: set[tuple[int, int]] = set()
+        for (code,) in rows:
+            offset, _, inner = code.rpartition("@")[2].partition("+")
+            found.add((int(offset, 16), int(inner, 16)))
+        return found
+
     def get(self, key: ChunkKey) -> bytes | None:
         """The whole chunk, or None when it is not stored."""
         value = self._cache.get(key.encode(), default=None)
@@ -159,14 +173,21 @@ class ChunkStore:
         serialises readers across processes; hot read paths use ``peek`` and
         report use in batches with ``touch``.
         """
+        entry = self.peek_entry(key)
+        return entry[0] if entry is not None else None
+
+    def peek_entry(self, key: ChunkKey) -> tuple[bytes, float] | None:
+        """Like ``peek``, with the chunk's recorded last use (a ``time.time()`` value: when it was
+        stored or last touched), so a reader can leave out touches that would change little."""
         rows = self._cache._sql(  # noqa: SLF001 - read-only query of diskcache's table
-            "SELECT mode, filename, value FROM Cache WHERE key = ? AND raw = 1"
+            "SELECT mode, filename, value, access_time FROM Cache WHERE key = ? AND raw = 1"
             " AND (expire_time IS NULL OR expire_time > ?)", (key.encode(), time.time())
         ).fetchall()
         if not rows:
             return None
+        mode, filename, value, accessed = rows[0]
         try:
-            return bytes(self._cache._disk.fetch(*rows[0], False))  # noqa: SLF001
+            return bytes(self._cache._disk.fetch(mode, filename, value, False)), accessed  # noqa: SLF001
         except OSError:  # evicted between the query and the read
             return None
 

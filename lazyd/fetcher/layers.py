@@ -332,6 +332,11 @@ class Member:
         offset = index.m_off[self._pos]
         return [ChunkKey(layer, offset, index.c_inner[j]) for j in index.chunk_span(self._pos)]
 
+    def inner_offsets(self) -> list[int]:
+        """The inner offsets of the member's chunks (their store keys without the layer and blob offset)."""
+        index = self._index
+        return [index.c_inner[j] for j in index.chunk_span(self._pos)]
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Member):
             return NotImplemented

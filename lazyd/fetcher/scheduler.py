@@ -63,9 +63,12 @@ PRIORITY_RANK = {"demand": 0, "prefetch": 1, "background": 2}
 _INLINE_STORE = 64 * 1024
 """A demanded member up to this many compressed bytes is verified and stored on the event loop."""
 _BACK_FRACTION = 4
+"""A demand fetch's window reaches back 1/_BACK_FRACTION of itself before the demanded member."""
+_RANGE_SPREAD = 4
+"""``missing`` asks the store by key range when the layer has at most this many members per
+member asked about in their span, else key by key."""
 RECENT_RANGES = 4
 """Demand ranges per layer that a miss is compared with to decide whether misses cluster."""
-"""A demand fetch's window reaches back 1/_BACK_FRACTION of itself before the demanded member."""
 STORE_THREADS = 2
 """Threads that decode, verify and store chunks and query the store (see ``in_store_thread``):
 two, so a demand member's store need not wait behind a background batch's."""
@@ -209,9 +212,25 @@ class Scheduler:
             await asyncio.sleep(max(remaining, 0.01))
 
     def missing(self, layer: Layer, members: Iterable[Member]) -> list[Member]:
-        """The members not wholly in the store (one store query per 500 chunks); blocking:
-        coroutines run it with ``in_store_thread``."""
+        """The members not wholly in the store; blocking: coroutines run it with ``in_store_thread``.
+
+        Members close together in the blob (a demand window, a background batch) take one range
+        query of the store's keys, whose cost follows what is stored there, not how many members
+        are asked about (the plan of a cold 5,000-member demand window: 36 ms by key, 24 ms by
+        range, the rest Python).  Members spread over the layer take one query per 500 chunks.
+        """
         members = list(members)
+        if not members:
+            return []
+        lo = min(m.blob_offset for m in members)
+        hi = max(m.blob_end for m in members)
+        offsets = layer.index.m_off
+        if bisect.bisect_left(offsets, hi) - bisect.bisect_left(offsets, lo) <= _RANGE_SPREAD * len(members):
+            have = self.store.stored_between(layer.digest, lo, hi)
+            if not have:
+                return members
+            return [m for m in members
+                    if not all((m.blob_offset, inner) in have for inner in m.inner_offsets())]
         keys = {m.blob_offset: m.chunk_keys(layer.digest) for m in members}
         have = self.store.stored([k for ks in keys.values() for k in ks])
         return [m for m in members if not all(k in have for k in keys[m.blob_offset])]

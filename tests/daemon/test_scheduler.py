@@ -57,6 +57,34 @@ def test_adjacent_chunks_coalesce_into_one_range(tmp_path: Path, busybox: EStarg
     asyncio.run(run())
 
 
+def test_missing_by_key_range_and_by_key_agree(tmp_path: Path, busybox: EStargzImage, proxy: TCPProxy) -> None:
+    """``missing`` asks the store by key range for members close together and key by key for
+    members spread over the layer; both answer what ``has`` answers chunk by chunk."""
+    async def run() -> None:
+        client, store, layer, sched = await _setup(tmp_path, busybox, proxy, 1)
+        try:
+            members = list(layer.members)
+            assert len(members) >= 30
+            await sched.fetch(layer, members[3:7] + [members[11], members[20]], "demand")
+            stored_now = {m.blob_offset for m in members
+                          if all(store.has(k) for k in m.chunk_keys(layer.digest))}
+            assert {members[i].blob_offset for i in (3, 4, 5, 6, 11, 20)} <= stored_now
+            assert len(stored_now) < len(members)
+            for asked in (members[:30], members[2:12], members[5:6], [members[0], members[-1]],
+                          members[::7], [members[4], members[-2]], []):
+                expected = [m for m in asked if m.blob_offset not in stored_now]
+                assert sched.missing(layer, asked) == expected
+            # A stored chunk of another layer at the same offsets does not count.
+            other = "sha256:" + "0" * 64
+            store.put_many([(ChunkKey(other, m.blob_offset, 0), b"x") for m in members[:30]])
+            assert sched.missing(layer, members[:3]) == [m for m in members[:3] if m.blob_offset not in stored_now]
+        finally:
+            await client.close()
+            store.close()
+
+    asyncio.run(run())
+
+
 def test_prefetch_region_in_one_request(tmp_path: Path, busybox: EStargzImage, proxy: TCPProxy) -> None:
     async def run() -> None:
         client, store, layer, sched = await _setup(tmp_path, busybox, proxy, 0)

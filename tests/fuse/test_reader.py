@@ -160,17 +160,31 @@ def _catch(errors: list[BaseException], fn, *args) -> None:  # type: ignore[no-u
         errors.append(exc)
 
 
-def test_reads_report_use_to_the_store_lru(served: tuple[ChunkReader, LocalFetcher, FetcherConnection],
-                                           layer: BuiltLayer) -> None:
-    reader, _, _ = served
-    table = InodeTable.from_toc(layer.local.toc)
-    ino = _path(table, "many/f0299")
-    ref = table.chunks(ino, 0, 1)[0]
-    key = ChunkKey(layer.digest, ref.blob_offset, ref.inner_offset).encode()
-    first = bytes(reader.read(layer.digest, table, ino, 0, 100, MountCounters()))  # fetched and stored
-    time.sleep(0.05)
-    since = time.time()
-    assert bytes(reader.read(layer.digest, table, ino, 0, 100, MountCounters())) == first  # from the store
-    reader.close()  # writes the pending batch
+def _access_time(reader: ChunkReader, key: str) -> float:
     row = reader.store._cache._sql("SELECT access_time FROM Cache WHERE key = ?", (key,)).fetchone()  # noqa: SLF001
-    assert row is not None and row[0] >= since
+    assert row is not None
+    return float(row[0])
+
+
+@pytest.mark.parametrize("touch_after", [0.02, 3600.0])
+def test_reads_report_use_to_the_store_lru_unless_recent(tmp_path: Path, layer: BuiltLayer,
+                                                         touch_after: float) -> None:
+    """A store hit is reported to the LRU when the chunk's last use is ``touch_after`` old, not sooner."""
+    with _serving(tmp_path, layer, timeout=1.0) as (store, _, conn):
+        reader = ChunkReader(store, conn, touch_after=touch_after)
+        table = InodeTable.from_toc(layer.local.toc)
+        ino = _path(table, "many/f0299")
+        ref = table.chunks(ino, 0, 1)[0]
+        key = ChunkKey(layer.digest, ref.blob_offset, ref.inner_offset).encode()
+        try:
+            first = bytes(reader.read(layer.digest, table, ino, 0, 100, MountCounters()))  # fetched and stored
+            stored = _access_time(reader, key)
+            time.sleep(0.05)
+            since = time.time()
+            assert bytes(reader.read(layer.digest, table, ino, 0, 100, MountCounters())) == first  # from the store
+        finally:
+            reader.close()  # writes the pending batch
+        if touch_after < 0.05:
+            assert _access_time(reader, key) >= since
+        else:
+            assert _access_time(reader, key) == stored

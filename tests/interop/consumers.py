@@ -62,7 +62,10 @@ def fuse_mounts_below(root: Path) -> set[str]:
 def lazyd_fallbacks(digests: list[str], rpull_result: dict, status: dict, downloaded: set[str]) -> list[str]:
     """One line per layer of ``digests`` that lazyd did not serve lazily, from ``lazyctl rpull --json``'s
     per-layer modes, ``lazyctl status --json`` (fallback record, mounts) and the content store."""
-    mounted = {m["layer_digest"] for m in status["mounts"]}
+    # A layer served lazily and then promoted (every chunk fetched, extracted to a local directory,
+    # its FUSE mount released once no container used it) is no longer mounted: not a fallback.
+    mounted = {m["layer_digest"] for m in status["mounts"]} | {
+        s["layer_digest"] for s in status.get("local_layers", []) if s["state"] == "local"}
     recorded = {f["layer_digest"]: f["reason"] for f in status["fallbacks"]}
     modes = {layer["digest"]: layer for layer in rpull_result["layers"]}
     out = []
