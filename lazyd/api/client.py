@@ -315,6 +315,11 @@ class AsyncClient:
             raise ApiError(UNAVAILABLE, f"connection to {self.socket_path} lost: {exc}") from None
         finally:
             self._pending.pop(request_id, None)
+            if fut.done() and not fut.cancelled():
+                # The connection failed (``_fail_all``) while the request was being written: that
+                # error is the one raised here, so the future's own is retrieved, not reported by
+                # asyncio as "never retrieved" when it is collected.
+                fut.exception()
         return _unwrap(reply)
 
     async def request(self, op: str, args: Message | dict[str, Any] | None = None, timeout: float | None = None) -> Any:
