@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import sys
-import threading
+import time
 from pathlib import Path
 
 from lazyd.configfile import ConfigError
@@ -16,6 +16,8 @@ from lazyd.cli.registry import add_global
 from lazyd.snapshotter.config import SnapshotterConfig, load_config
 
 DEFAULT_CONFIG = Path("/etc/lazyd/config.toml")
+SIGNAL_POLL = 0.2
+"""Seconds between the main thread's looks for a SIGTERM/SIGINT (see ``run``)."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # noqa: SLF001
@@ -55,9 +57,13 @@ def run(args: argparse.Namespace) -> int:
     from lazyd.snapshotter.snapshotter import Snapshotter
 
     log = logging.getLogger("lazyd.snapshotter")
-    stop = threading.Event()
+    # Not an Event: a signal that one of gRPC's threads receives wakes no main thread blocked
+    # in Event.wait() (its handler runs only when the main thread next runs Python code: the
+    # snapshotter once ignored a SIGTERM for 20 s), and a handler that takes the Event's lock
+    # can deadlock against the main thread holding it.  A list and a short sleep have neither.
+    signals: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda signum, _frame: signals.append(signum))
     snapshotter = Snapshotter(config)
     try:
         restored = snapshotter.restore()
@@ -78,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
             server.stop(None)
             config.address.unlink(missing_ok=True)
             return 1
-        stop.wait()
+        while not signals:
+            time.sleep(SIGNAL_POLL)
         log.info("stopping")
         server.stop(grace=2).wait()
         config.address.unlink(missing_ok=True)
