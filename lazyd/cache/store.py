@@ -61,7 +61,19 @@ class ChunkKey:
     inner_offset: int = 0
 
     def encode(self) -> str:
-        return f"{self.layer}@{self.blob_offset:016x}+{self.inner_offset:x}"
+        return f"{_key_prefix(self.layer, self.blob_offset)}+{self.inner_offset:x}"
+
+
+def _key_prefix(layer: str, blob_offset: int) -> str:
+    """The start of the keys of ``layer``'s chunks at ``blob_offset``; fixed-width hex, so keys sort
+    by layer, then by blob offset."""
+    return f"{layer}@{blob_offset:016x}"
+
+
+def _key_offsets(code: str) -> tuple[int, int]:
+    """(blob offset, inner offset) of an encoded key."""
+    offset, _, inner = code.rpartition("@")[2].partition("+")
+    return int(offset, 16), int(inner, 16)
 
 
 @dataclass(frozen=True)
@@ -140,12 +152,8 @@ class ChunkStore:
         rows = self._cache._sql(  # noqa: SLF001 - read-only query of diskcache's table
             "SELECT key FROM Cache WHERE key >= ? AND key < ? AND raw = 1"
             " AND (expire_time IS NULL OR expire_time > ?)",
-            (f"{layer}@{start:016x}", f"{layer}@{end:016x}", time.time())).fetchall()
-        found: set[tuple[int, int]] = set()
-        for (code,) in rows:
-            offset, _, inner = code.rpartition("@")[2].partition("+")
-            found.add((int(offset, 16), int(inner, 16)))
-        return found
+            (_key_prefix(layer, start), _key_prefix(layer, end), time.time())).fetchall()
+        return {_key_offsets(code) for (code,) in rows}
 
     def get(self, key: ChunkKey) -> bytes | None:
         """The whole chunk, or None when it is not stored."""

@@ -328,9 +328,8 @@ class Member:
 
     def chunk_keys(self, layer: str) -> list[ChunkKey]:
         """The store keys of the member's chunks (no ``Chunk`` is made)."""
-        index = self._index
-        offset = index.m_off[self._pos]
-        return [ChunkKey(layer, offset, index.c_inner[j]) for j in index.chunk_span(self._pos)]
+        offset = self.blob_offset
+        return [ChunkKey(layer, offset, inner) for inner in self.inner_offsets()]
 
     def inner_offsets(self) -> list[int]:
         """The inner offsets of the member's chunks (their store keys without the layer and blob offset)."""
