@@ -16,6 +16,10 @@ is refused (named, left out, exit status 1), as in ``bench_e2e.py``.
 
 Targets (issue 11): lazyd <= 1.0x the reference, and <= 1.5x the full download.
 
+Systems: ``lazyd`` (its default FUSE binding), ``lazyd-pyfuse3`` (``fuse_backend = "pyfuse3"``:
+libfuse 3 with READDIRPLUS and page-cache push, docs/design.md), ``reference``, ``download``.
+``--systems`` picks a subset.
+
     /opt/lazyd/venv/bin/python bench/bench_walk.py --rounds 2 --link 200mbit:10
 """
 
@@ -51,7 +55,10 @@ from tests.support.registry import start_registry  # noqa: E402
 from tests.support.tcpproxy import TCPProxy  # noqa: E402
 
 WALK = ("sh", "-c", "tar -cf - /data | wc -c")
-SYSTEMS = ("lazyd", "reference", "download")
+SYSTEMS = ("lazyd", "lazyd-pyfuse3", "reference", "download")
+LAZY = ("lazyd", "lazyd-pyfuse3", "reference")
+# lazyd's settings per lazyd system (top-level TOML values).
+LAZYD_SETTINGS = {"lazyd": {}, "lazyd-pyfuse3": {"fuse_backend": '"pyfuse3"'}}
 VARIANTS = ("lazyctl", "ctr-remote")
 
 
@@ -103,7 +110,8 @@ def measure(system: str, variant: str, ref: str, proxy: TCPProxy, work: Path, n:
     root.mkdir()
     ld = load()
     try:
-        with cold_pull(system, root, proxy, ref, timeout=1800) as pulled:
+        with cold_pull("lazyd" if system in LAZYD_SETTINGS else system, root, proxy, ref,
+                       settings=LAZYD_SETTINGS.get(system), timeout=1800) as pulled:
             run, size = _walk(pulled.cd, ref, f"walk{n}", "overlayfs" if system == "download" else PROXY_SNAPSHOTTER)
             fallbacks = pulled.fallbacks()
         nbytes, nreq = proxy.bytes_down, len(proxy.requests())
@@ -130,13 +138,14 @@ def report(results: list[Result], links: list[str]) -> str:
         download = next((v for (s, _), v in med.items() if s == "download"), None)
         rows = []
         for variant in VARIANTS:
-            lz, ref = med.get(("lazyd", variant)), med.get(("reference", variant))
-            for system, m in (("lazyd", lz), ("reference", ref)):
+            ref = med.get(("reference", variant))
+            for system in LAZY:
+                m = med.get((system, variant))
                 if m is None:
                     continue
                 rows.append([variant, system, f"{m['pull']:.2f}", f"{m['run']:.2f}", f"{m['total']:.2f}",
                              f"{m['bytes'] / 1e6:.1f}", f"{m['requests']:.0f}",
-                             f"{lz['total'] / ref['total']:.2f}" if system == "lazyd" and lz and ref else "",
+                             f"{m['total'] / ref['total']:.2f}" if system != "reference" and ref else "",
                              f"{m['total'] / download['total']:.2f}" if download else "", f"{m['n']:.0f}"])
         if download:
             rows.append(["plain gzip", "download", f"{download['pull']:.2f}", f"{download['run']:.2f}",
@@ -156,11 +165,15 @@ def main() -> int:
     ap.add_argument("--link", action="append", default=None, help="RATE:RTT_MS, repeatable (default 200mbit:10)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--files", type=int, default=100_000)
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {','.join(SYSTEMS)}")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("run as root (tc, mounts, containerd)", file=sys.stderr)
         return 2
+    systems = args.systems.split(",")
+    if bad := [s for s in systems if s not in SYSTEMS]:
+        ap.error(f"--systems: unknown {', '.join(bad)}")
     links = parse_links(args.link or ["200mbit:10"])
     link_names = [f"{rate} {rtt * 1000:.0f}ms" for rate, rtt in links]
     started, stamp = time.monotonic(), time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
@@ -189,7 +202,8 @@ def main() -> int:
             for (rate, rtt), link in zip(links, link_names):
                 with throttled_proxy(reg.port, rate, rtt) as proxy:
                     for rnd in range(args.rounds):
-                        runs = [(s, v) for v in VARIANTS for s in ("lazyd", "reference")] + [("download", "plain")]
+                        runs = [(s, v) for v in VARIANTS for s in LAZY if s in systems]
+                        runs += [("download", "plain")] if "download" in systems else []
                         runs = runs[rnd % len(runs):] + runs[:rnd % len(runs)]
                         for system, variant in runs:
                             n += 1

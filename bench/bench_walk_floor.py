@@ -11,7 +11,11 @@ kernel caches) with ``busybox tar -cf - . | wc -c`` (the workload of ``bench_wal
 * ``libfuse3 readdir``: the same through libfuse 3;
 * ``libfuse3 plus``: READDIRPLUS (the listing carries the attributes: no LOOKUP);
 * ``libfuse3 push``: READDIRPLUS, and the first READ of a file of a directory writes the other
-  files listed since into the page cache (FUSE_NOTIFY_STORE), so they need no READ.
+  files listed since into the page cache (FUSE_NOTIFY_STORE), so they need no READ;
+* ``pyfuse3 plus`` and ``pyfuse3 push``: the last two served by Python on pyfuse3
+  (``bench/pyfuse3_walk_floor.py``), the interpreter of ``--pyfuse3-python``: what Python adds.
+  They need a pyfuse3 whose ``read`` gets the inode with "no_open" (lazyd's patched build); the
+  sides are left out, with a note, when that Python has no pyfuse3.
 
 The libfuse 3 sides need ``libfuse3-dev`` (``scripts/setup`` installs it).  Every side's tar
 output is checked to be byte-identical to the native one (the tree's time stamps are all 0).
@@ -35,6 +39,7 @@ import time
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("fuse_walk_floor.c")
+PY_SERVER = Path(__file__).with_name("pyfuse3_walk_floor.py")
 RESULTS = Path(__file__).with_name("results")
 WALKERS = {"busybox tar": "busybox tar -cf - .", "GNU tar": "tar -cf - ."}
 CHECK = "tar --sort=name --format=ustar -cf - ."
@@ -66,13 +71,14 @@ def native_tree(root: Path, dirs: int, files: int) -> None:
     os.utime(root, (0, 0))
 
 
-def mounted(exe: Path, mnt: Path, dirs: int, files: int, mode: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([str(exe), str(mnt), str(dirs), str(files), mode])
+def mounted(server: list[str], mnt: Path, dirs: int, files: int, mode: str) -> subprocess.Popen[bytes]:
+    """Start ``server MOUNTPOINT DIRS FILES MODE`` and wait for its mount."""
+    proc = subprocess.Popen([*server, str(mnt), str(dirs), str(files), mode])
     deadline = time.monotonic() + 10
     while not os.path.ismount(mnt):
         if time.monotonic() > deadline or proc.poll() is not None:
             proc.kill()
-            raise SystemExit(f"{exe.name} did not mount {mnt} ({mode})")
+            raise SystemExit(f"{' '.join(server)} did not mount {mnt} ({mode})")
         time.sleep(0.02)
     return proc
 
@@ -105,6 +111,8 @@ def main() -> int:
     ap.add_argument("--files", type=int, default=1000, help="files per directory")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--pyfuse3-python", default=sys.executable,
+                    help="the Python that runs the pyfuse3 sides (default: this one)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("run as root (FUSE mounts)", file=sys.stderr)
@@ -113,14 +121,20 @@ def main() -> int:
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     work = Path(tempfile.mkdtemp(prefix="lazyd-walk-floor-", dir="/dev/shm"))
     try:
-        sides: dict[str, tuple[Path, str] | None] = {"native": None, "libfuse2": (build(work, False), "readdir")}
+        sides: dict[str, tuple[list[str], str] | None] = {"native": None,
+                                                          "libfuse2": ([str(build(work, False))], "readdir")}
         has_fuse3 = subprocess.run(["pkg-config", "--exists", "fuse3"]).returncode == 0
         if has_fuse3:
-            exe3 = build(work, True)
+            exe3 = [str(build(work, True))]
             sides |= {"libfuse3 readdir": (exe3, "readdir"), "libfuse3 plus": (exe3, "plus"),
                       "libfuse3 push": (exe3, "push")}
         else:
             print("# libfuse3-dev is not installed: only the libfuse 2 side runs", flush=True)
+        if subprocess.run([args.pyfuse3_python, "-c", "import pyfuse3"], capture_output=True).returncode == 0:
+            py = [args.pyfuse3_python, str(PY_SERVER)]
+            sides |= {"pyfuse3 plus": (py, "plus"), "pyfuse3 push": (py, "push")}
+        else:
+            print(f"# {args.pyfuse3_python} has no pyfuse3: the pyfuse3 sides are left out", flush=True)
         native = work / "native"
         native.mkdir()
         native_tree(native, args.dirs, args.files)

@@ -15,6 +15,7 @@ from lazyd.unixsocket import group_exists
 DEFAULT_CONFIG = Path("/etc/lazyd/config.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 PROFILE_MODES = ("off", "local", "registry")
+FUSE_BACKENDS = ("llfuse", "pyfuse3")
 MIN_CACHE_SIZE = 16 * 1024 * 1024
 """Smallest ``cache_size``: four chunks of 4 MiB, the chunk size of lazyd's converter and of the
 reference's (the largest chunks of the images lazyd makes).  Reads stay correct below it (a
@@ -80,6 +81,10 @@ class DaemonConfig:
 
     workers: int = 2
     """Number of FUSE worker processes; mounts are spread over them."""
+
+    fuse_backend: str = "llfuse"
+    """The workers' FUSE binding: ``llfuse`` (libfuse 2) or ``pyfuse3`` (libfuse 3: listings carry
+    attributes, and a directory's small stored files are pushed into the page cache)."""
 
     cache_size: int = 10 * 1024**3
     """Chunk cache cap in bytes; least-recently-used chunks are evicted above it."""
@@ -170,6 +175,7 @@ class DaemonConfig:
     def __post_init__(self) -> None:
         checks: list[tuple[str, bool, str]] = [
             ("workers", 1 <= self.workers <= 64, "must be between 1 and 64"),
+            ("fuse_backend", self.fuse_backend in FUSE_BACKENDS, f"must be one of {', '.join(FUSE_BACKENDS)}"),
             ("cache_size", self.cache_size >= MIN_CACHE_SIZE,
              f"must be at least {MIN_CACHE_SIZE} bytes (16 MiB: room for four 4 MiB chunks, the default chunk size, "
              "so chunks fetched ahead of a read are not evicted before it gets to them)"),

@@ -18,7 +18,6 @@ if [ $# -ne 1 ]; then
 fi
 py=$1
 want="1.5.2+lazyd.readino"
-sdist="llfuse-1.5.2.tar.gz"
 
 # The installed llfuse version, or nothing when llfuse is not installed.
 installed_version() {
@@ -46,13 +45,7 @@ done
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-# pip checks the download against the pinned hash (--require-hashes); sha256sum
-# checks it again so that an unexpected file in the directory cannot slip through.
-printf 'llfuse==1.5.2 --hash=sha256:%s\n' "$(cut -d' ' -f1 "$here/llfuse.sha256")" > "$work/requirements.txt"
-"$py" -m pip download -q --disable-pip-version-check --no-binary :all: --no-deps \
-  --require-hashes -r "$work/requirements.txt" -d "$work/dl"
-(cd "$work/dl" && sha256sum --quiet --strict -c "$here/llfuse.sha256")
-tar xzf "$work/dl/$sdist" -C "$work"
+"$here/../fetch-sdist.sh" "$py" llfuse 1.5.2 "$here/llfuse.sha256" "$work"
 (cd "$work/llfuse-1.5.2" && patch -s -p1 --forward < "$here/readino.patch")
 "$py" -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps \
   "$work/llfuse-1.5.2"

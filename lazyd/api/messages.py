@@ -290,6 +290,8 @@ class WorkerMountStatus(Message):
     fetch_errors: int = 0
     last_error: str | None = None
     opens: int = 0
+    pushed_files: int = 0  # files written into the page cache before their READ (the pyfuse3 binding)
+    pushed_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -299,7 +301,9 @@ class WorkerStatusResult(Message):
     ``no_open`` is true when the worker's llfuse passes the inode to ``read`` (lazyd's
     patched build), so the kernel opens files without asking the worker.
     ``llfuse_version`` is the ``llfuse.__version__`` the worker imported ("" from a
-    worker started before this field existed).
+    worker started before this field existed).  ``fuse_binding`` is the binding that serves
+    its mount and its version: ``llfuse 1.5.2+lazyd.readino`` or ``pyfuse3 3.5.0+lazyd.readino``
+    ("" from a worker started before this field existed).
     """
 
     pid: int
@@ -310,6 +314,7 @@ class WorkerStatusResult(Message):
     no_open: bool = False
     llfuse_version: str = _f("", max_len=MAX_ID)
     tracing: bool = False
+    fuse_binding: str = _f("", max_len=MAX_ID)
 
 
 @dataclass(frozen=True)
@@ -443,7 +448,8 @@ class MountsResult(Message):
 
 @dataclass(frozen=True)
 class WorkerInfo(Message):
-    """One worker in ``status``; ``llfuse_version`` and ``no_open`` are null when it did not answer."""
+    """One worker in ``status``; ``llfuse_version``, ``no_open`` and ``fuse_binding`` are null when it did
+    not answer."""
 
     worker_id: int
     pid: int
@@ -452,6 +458,7 @@ class WorkerInfo(Message):
     restarts: int = 0
     llfuse_version: str | None = _f(None, max_len=MAX_ID)
     no_open: bool | None = None
+    fuse_binding: str | None = _f(None, max_len=MAX_ID)
 
 
 @dataclass(frozen=True)

@@ -211,7 +211,7 @@ class Daemon:
                      f"http://{metrics_address}")
         self.supervisor = Supervisor(self.root, cfg.workers, cfg.socket, self.root / "cache", cfg.cache_size,
                                      cfg.fetch_timeout, cfg.log_level, cfg.worker_start_timeout,
-                                     cfg.health_interval, self._worker_died, cfg.log_format)
+                                     cfg.health_interval, self._worker_died, cfg.log_format, cfg.fuse_backend)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -829,7 +829,8 @@ class Daemon:
             workers.append(WorkerInfo(worker_id=h.worker_id, pid=h.pid, state=state,
                                       mounts=sum(1 for m in self.mounts.values() if m.worker_id == h.worker_id),
                                       restarts=h.restarts, llfuse_version=ws.llfuse_version if ws else None,
-                                      no_open=ws.no_open if ws else None))
+                                      no_open=ws.no_open if ws else None,
+                                      fuse_binding=ws.fuse_binding if ws else None))
         builds = sorted({w.llfuse_version or "unknown" for w in workers if w.llfuse_version is not None})
         layers = self.layers.all()
         rs = self.registry.stats

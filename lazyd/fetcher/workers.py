@@ -91,7 +91,8 @@ class Supervisor:
 
     def __init__(self, root: Path, count: int, socket_path: str, cache_dir: Path, cache_size: int,
                  fetch_timeout: float, log_level: str, start_timeout: float, interval: float,
-                 on_death: Callable[[WorkerHandle], Awaitable[None]], log_format: str = "text") -> None:
+                 on_death: Callable[[WorkerHandle], Awaitable[None]], log_format: str = "text",
+                 fuse_backend: str = "llfuse") -> None:
         self.root = root
         self.count = count
         self.socket_path = socket_path
@@ -100,6 +101,7 @@ class Supervisor:
         self.fetch_timeout = fetch_timeout
         self.log_level = log_level
         self.log_format = log_format
+        self.fuse_backend = fuse_backend
         self.start_timeout = start_timeout
         self.interval = interval
         self.on_death = on_death
@@ -182,7 +184,7 @@ class Supervisor:
         argv = [sys.executable, "-m", "lazyd.fuse.worker", "--worker-id", str(worker_id), "--state-dir", str(state_dir),
                 "--fetcher-socket", self.socket_path, "--cache-dir", str(self.cache_dir),
                 "--cache-size", str(self.cache_size), "--fetch-timeout", str(self.fetch_timeout),
-                "--log-level", self.log_level, "--log-format", self.log_format]
+                "--log-level", self.log_level, "--log-format", self.log_format, "--fuse-backend", self.fuse_backend]
         if worker_id == TRACE_WORKER_ID:
             argv.append("--trace")
         fd = os.open(state_dir / "worker.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

@@ -29,6 +29,9 @@ import stat
 import time
 from dataclasses import dataclass, field
 
+from contextlib import AbstractContextManager
+from typing import Any
+
 import llfuse
 
 from lazyd.estargz.inodes import ROOT, InodeTable
@@ -37,6 +40,7 @@ from lazyd.fuse.reader import ChunkReader, MountCounters
 log = logging.getLogger(__name__)
 
 CACHE_TIMEOUT = 3600.0
+ROOT_INODE = 1  # llfuse.ROOT_INODE and pyfuse3.ROOT_INODE
 _SLOT_SHIFT = 32
 _LOCAL_MASK = (1 << _SLOT_SHIFT) - 1
 # Built attributes kept per inode (they never change); the whole cache is dropped when full.
@@ -152,28 +156,36 @@ class Layer:
         return self.slot << _SLOT_SHIFT | ROOT
 
 
-class LazyFS(llfuse.Operations):
-    """llfuse operations over the layers of one worker (all read-only)."""
+class LayerFS:
+    """The read-only filesystem over the layers of one worker, whatever the FUSE binding.
 
-    def __init__(self, reader: ChunkReader, no_open: bool = READ_GETS_INODE, trace: bool = False) -> None:
+    ``api`` is the binding's module (``llfuse`` or ``pyfuse3``: the same names for entry
+    attributes, errors and the root inode).  Every method runs with ``lock`` held; the reader
+    releases it while it waits (``unlocked``).  ``LazyFS`` serves these methods through llfuse
+    as they are, ``lazyd.fuse.fs3.LazyFS3`` through pyfuse3.
+    """
+
+    def __init__(self, api: Any, lock: Any, reader: ChunkReader, no_open: bool, trace: bool = False) -> None:
         super().__init__()
+        self.api = api
+        self.lock = lock
         self.reader = reader
         self.trace = trace
         self.no_open = no_open and not trace  # a tracing FS must see every OPEN
         self._layers: dict[int, Layer] = {}
         self._by_name: dict[bytes, Layer] = {}
         self._slots = itertools.count(1)
-        self._dir_handles: dict[int, list[tuple[bytes, int]]] = {}
+        self._dir_handles: dict[int, tuple[int, list[tuple[bytes, int]]]] = {}
         self._handle_ids = itertools.count(1)
         self._root_mtime_ns = time.time_ns()
         # Layers never change, so the kernel may cache "no such name" too (st_ino 0).
-        self._negative = llfuse.EntryAttributes()
+        self._negative = api.EntryAttributes()
         self._negative.st_ino = 0
         self._negative.entry_timeout = CACHE_TIMEOUT
-        self._attrs: dict[int, llfuse.EntryAttributes] = {}
+        self._attrs: dict[int, Any] = {}
         self._open_seq = itertools.count()  # numbers the opens of all traced layers, in order
 
-    # -- layer management (callers hold llfuse.lock) -------------------------
+    # -- layer management (callers hold ``lock``) -------------------------
 
     def add_layer(self, mount_id: str, layer_digest: str, table: InodeTable) -> Layer:
         name = mount_id.encode()
@@ -190,10 +202,13 @@ class LazyFS(llfuse.Operations):
         self._attrs.clear()
         self.reader.lru.drop_layer(layer.layer_digest)
         try:
-            llfuse.invalidate_entry(llfuse.ROOT_INODE, mount_id.encode())
+            self._invalidate_entry(ROOT_INODE, mount_id.encode())
         except OSError as exc:  # not mounted yet/anymore: nothing cached to drop
             log.debug("invalidate_entry(%s): %s", mount_id, exc)
         return layer
+
+    def _invalidate_entry(self, parent: int, name: bytes) -> None:
+        self.api.invalidate_entry(parent, name)
 
     # -- helpers ------------------------------------------------------------
 
@@ -201,28 +216,28 @@ class LazyFS(llfuse.Operations):
         layer = self._layers.get(ino >> _SLOT_SHIFT)
         local = ino & _LOCAL_MASK
         if layer is None or not layer.table.valid(local):
-            raise llfuse.FUSEError(errno.ENOENT)
+            raise self.api.FUSEError(errno.ENOENT)
         return layer, local
 
-    def _entry(self, ino: int) -> llfuse.EntryAttributes:
+    def _entry(self, ino: int) -> Any:
         e = self._attrs.get(ino)
         if e is not None:
             return e
         e = self._build_entry(ino)
-        if ino != llfuse.ROOT_INODE:  # the root's link count changes with its layers
+        if ino != ROOT_INODE:  # the root's link count changes with its layers
             if len(self._attrs) >= _ATTR_CACHE_ENTRIES:
                 self._attrs.clear()
             self._attrs[ino] = e
         return e
 
-    def _build_entry(self, ino: int) -> llfuse.EntryAttributes:
-        e = llfuse.EntryAttributes()
+    def _build_entry(self, ino: int) -> Any:
+        e = self.api.EntryAttributes()
         e.st_ino = ino
         e.generation = 0
         e.entry_timeout = CACHE_TIMEOUT
         e.attr_timeout = CACHE_TIMEOUT
         e.st_blksize = 4096
-        if ino == llfuse.ROOT_INODE:
+        if ino == ROOT_INODE:
             e.st_mode = stat.S_IFDIR | 0o755
             e.st_nlink = 2 + len(self._layers)
             e.st_size = 4096
@@ -242,52 +257,52 @@ class LazyFS(llfuse.Operations):
 
     # -- lookups and attributes -----------------------------------------------
 
-    def lookup(self, parent_inode: int, name: bytes, ctx: llfuse.RequestContext) -> llfuse.EntryAttributes:
-        if parent_inode == llfuse.ROOT_INODE:
+    def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> Any:
+        if parent_inode == ROOT_INODE:
             if name == b".." or name == b".":
-                return self._entry(llfuse.ROOT_INODE)
+                return self._entry(ROOT_INODE)
             layer = self._by_name.get(name)
             if layer is None:
-                raise llfuse.FUSEError(errno.ENOENT)
+                raise self.api.FUSEError(errno.ENOENT)
             return self._entry(layer.root_inode())
         layer, local = self._resolve(parent_inode)
         base = parent_inode & ~_LOCAL_MASK
         if name == b".":
             return self._entry(parent_inode)
         if name == b"..":
-            return self._entry(llfuse.ROOT_INODE if local == ROOT else base | layer.table.parent(local))
+            return self._entry(ROOT_INODE if local == ROOT else base | layer.table.parent(local))
         child = layer.table.lookup(local, name)
         if child is None:
             return self._negative
         return self._entry(base | child)
 
-    def getattr(self, inode: int, ctx: llfuse.RequestContext) -> llfuse.EntryAttributes:
+    def getattr(self, inode: int, ctx: Any) -> Any:
         return self._entry(inode)
 
-    def readlink(self, inode: int, ctx: llfuse.RequestContext) -> bytes:
+    def readlink(self, inode: int, ctx: Any) -> bytes:
         layer, local = self._resolve(inode)
         target = layer.table.readlink(local)
         if target is None:
-            raise llfuse.FUSEError(errno.EINVAL)
+            raise self.api.FUSEError(errno.EINVAL)
         return target
 
-    def getxattr(self, inode: int, name: bytes, ctx: llfuse.RequestContext) -> bytes:
-        if inode == llfuse.ROOT_INODE:
-            raise llfuse.FUSEError(llfuse.ENOATTR)
+    def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        if inode == ROOT_INODE:
+            raise self.api.FUSEError(self.api.ENOATTR)
         layer, local = self._resolve(inode)
         value = layer.table.xattrs(local).get(name)
         if value is None:
-            raise llfuse.FUSEError(llfuse.ENOATTR)
+            raise self.api.FUSEError(self.api.ENOATTR)
         return value
 
-    def listxattr(self, inode: int, ctx: llfuse.RequestContext) -> list[bytes]:
-        if inode == llfuse.ROOT_INODE:
+    def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        if inode == ROOT_INODE:
             return []
         layer, local = self._resolve(inode)
         return list(layer.table.xattrs(local))
 
-    def statfs(self, ctx: llfuse.RequestContext) -> llfuse.StatvfsData:
-        s = llfuse.StatvfsData()
+    def statfs(self, ctx: Any) -> Any:
+        s = self.api.StatvfsData()
         s.f_bsize = s.f_frsize = 4096
         s.f_blocks = sum((lay.table.total_size + 4095) // 4096 for lay in self._layers.values())
         s.f_bfree = s.f_bavail = 0
@@ -298,26 +313,26 @@ class LazyFS(llfuse.Operations):
 
     # -- directories -----------------------------------------------------------
 
-    def opendir(self, inode: int, ctx: llfuse.RequestContext) -> int:
-        if inode == llfuse.ROOT_INODE:
+    def opendir(self, inode: int, ctx: Any) -> int:
+        if inode == ROOT_INODE:
             entries = [(name, lay.root_inode()) for name, lay in self._by_name.items()]
         else:
             layer, local = self._resolve(inode)
             if not layer.table.is_dir(local):
-                raise llfuse.FUSEError(errno.ENOTDIR)
+                raise self.api.FUSEError(errno.ENOTDIR)
             base = inode & ~_LOCAL_MASK
             entries = [(name, base | child) for name, child in layer.table.children(local)]
         fh = next(self._handle_ids)
-        self._dir_handles[fh] = entries
+        self._dir_handles[fh] = (inode, entries)
         return fh
 
     def readdir(self, fh: int, off: int):  # type: ignore[no-untyped-def]  # generator of (name, attrs, next)
-        entries = self._dir_handles[fh]
+        entries = self._dir_handles[fh][1]
         for i in range(off, len(entries)):
             name, ino = entries[i]
             try:
                 attrs = self._entry(ino)
-            except llfuse.FUSEError:
+            except self.api.FUSEError:
                 continue  # a layer removed while listing the root
             yield name, attrs, i + 1
 
@@ -326,18 +341,18 @@ class LazyFS(llfuse.Operations):
 
     # -- files -----------------------------------------------------------------
 
-    def open(self, inode: int, flags: int, ctx: llfuse.RequestContext) -> int:
+    def open(self, inode: int, flags: int, ctx: Any) -> int:
         if flags & _WRITE_FLAGS:
-            raise llfuse.FUSEError(errno.EROFS)
+            raise self.api.FUSEError(errno.EROFS)
         layer, local = self._resolve(inode)
         if not stat.S_ISREG(layer.table.raw_attr(local)[0]):
-            raise llfuse.FUSEError(errno.EINVAL)
+            raise self.api.FUSEError(errno.EINVAL)
         layer.counters.opens += 1
         if layer.trace is not None:
             layer.trace.note(local, next(self._open_seq))
         if self.no_open:
             # Success to the caller; the kernel stops sending OPEN/RELEASE (see module doc).
-            raise llfuse.FUSEError(errno.ENOSYS)
+            raise self.api.FUSEError(errno.ENOSYS)
         return inode
 
     def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
@@ -349,14 +364,14 @@ class LazyFS(llfuse.Operations):
             counters.fetch_errors += 1
             counters.last_error = str(exc)
             log.warning("read of inode %d in %s at %d+%d failed: %s", local, layer.mount_id, off, size, exc)
-            raise llfuse.FUSEError(errno.EIO) from None
+            raise self.api.FUSEError(errno.EIO) from None
         counters.reads += 1
         counters.bytes_read += len(data)
         return data
 
     def flush(self, fh: int) -> None:
         # ENOSYS once makes the kernel stop sending FLUSH on every close().
-        raise llfuse.FUSEError(errno.ENOSYS)
+        raise self.api.FUSEError(errno.ENOSYS)
 
     def release(self, fh: int) -> None:
         return None
@@ -364,7 +379,35 @@ class LazyFS(llfuse.Operations):
     # -- everything that would write -------------------------------------------
 
     def _readonly(self, *args: object) -> None:
-        raise llfuse.FUSEError(errno.EROFS)
+        raise self.api.FUSEError(errno.EROFS)
 
     setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _readonly  # type: ignore[assignment]
     create = write = setxattr = removexattr = _readonly  # type: ignore[assignment]
+
+
+class LazyFS(LayerFS, llfuse.Operations):
+    """``LayerFS`` served by llfuse (libfuse 2): its methods are llfuse's operations, under ``llfuse.lock``."""
+
+    def __init__(self, reader: ChunkReader, no_open: bool = READ_GETS_INODE, trace: bool = False) -> None:
+        super().__init__(llfuse, llfuse.lock, reader, no_open, trace)
+
+    @staticmethod
+    def unlocked() -> AbstractContextManager[object]:
+        """What the reader enters while it waits: llfuse's lock released."""
+        return llfuse.lock_released  # type: ignore[no-any-return]
+
+    def mount(self, root: str, options: set[str]) -> None:
+        llfuse.init(self, root, options)
+
+    def serve(self, threads: int) -> int | None:
+        """Serve requests with ``threads`` threads until unmounted (None) or a signal (its number)."""
+        return llfuse.main(workers=threads)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        """End the FUSE session and unmount."""
+        llfuse.close(unmount=True)
+
+    @property
+    def binding(self) -> str:
+        """The binding and its version, for status (``+lazyd.readino``: lazyd's patched build)."""
+        return f"llfuse {llfuse.__version__}"

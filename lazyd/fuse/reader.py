@@ -48,6 +48,8 @@ class MountCounters:
     fetch_errors: int = 0
     last_error: str | None = None
     opens: int = 0  # OPEN requests that reached the worker (at most one with no_open)
+    pushed_files: int = 0  # files written into the page cache before their READ (lazyd.fuse.fs3)
+    pushed_bytes: int = 0
 
 
 @dataclass

@@ -1,9 +1,12 @@
 """The FUSE worker process (``python3 -m lazyd.fuse.worker``).
 
-One llfuse mount at ``<state-dir>/fuse`` with a directory per layer, each exposed
+One FUSE mount at ``<state-dir>/fuse`` with a directory per layer, each exposed
 at its requested mountpoint with a read-only bind mount; a control socket
 (``worker.mount/unmount/status/shutdown``); ``worker.json`` once ready; and a
 reconnecting connection to the fetcher for chunk misses.  See docs/design.md.
+
+``--fuse-backend`` picks the binding: ``llfuse`` (libfuse 2, ``lazyd.fuse.fs``) or ``pyfuse3``
+(libfuse 3 with READDIRPLUS and push, ``lazyd.fuse.fs3``).
 
 With ``--trace`` it is the tracing worker: every open reaches it (no "no_open"), and it
 records the first open of each file per mount (``worker.trace``; docs/optimize.md).
@@ -30,13 +33,14 @@ import llfuse
 from lazyd.api import messages, wire
 from lazyd.api.messages import ApiError
 from lazyd.atomicfile import atomic_write
+from lazyd.config import FUSE_BACKENDS
 from lazyd.cache.store import ChunkStore
 from lazyd.estargz import TOC, EStargzError
 from lazyd import logsetup
 from lazyd import mounttable as mounts
 from lazyd import unixsocket
 from lazyd.fuse.fetchconn import FetcherConnection
-from lazyd.fuse.fs import LazyFS, Layer, trace_paths
+from lazyd.fuse.fs import LayerFS, LazyFS, Layer, trace_paths
 from lazyd.estargz.inodes import InodeTable, InodeTableError
 from lazyd.fuse.reader import ChunkReader
 
@@ -58,6 +62,7 @@ class WorkerOptions:
     fuse_threads: int = FUSE_THREADS
     log_format: str = "text"
     trace: bool = False
+    fuse_backend: str = "llfuse"
 
     @property
     def fuse_root(self) -> Path:
@@ -89,8 +94,13 @@ class Worker:
         self.opts = opts
         self.store = ChunkStore(opts.cache_dir, opts.cache_size)
         self.fetcher = FetcherConnection(opts.fetcher_socket, opts.fetch_timeout)
-        self.reader = ChunkReader(self.store, self.fetcher, unlocked=lambda: llfuse.lock_released)
-        self.fs = LazyFS(self.reader, trace=opts.trace)
+        self.reader = ChunkReader(self.store, self.fetcher, unlocked=lambda: self.fs.unlocked())
+        self.fs: LayerFS
+        if opts.fuse_backend == "pyfuse3":
+            from lazyd.fuse.fs3 import LazyFS3  # imports trio and pyfuse3: only where they are used
+            self.fs = LazyFS3(self.reader, trace=opts.trace)
+        else:
+            self.fs = LazyFS(self.reader, trace=opts.trace)
         self.mounts: dict[str, MountRecord] = {}
         self._ops_lock = threading.Lock()
         self._server: _ControlServer | None = None
@@ -126,14 +136,14 @@ class Worker:
             mounts.unmount_all_at(root)
         opts.fuse_root.mkdir(exist_ok=True, mode=0o755)
         self.fetcher.start()
-        llfuse.init(self.fs, root, FUSE_OPTIONS)
+        self.fs.mount(root, FUSE_OPTIONS)
         try:
             self._server = _ControlServer(str(opts.control_socket), self)
             threading.Thread(target=self._server.serve_forever, name="control", daemon=True).start()
             self._write_info()
-            log.info("worker %d serving %s (pid %d)", opts.worker_id, root, os.getpid())
+            log.info("worker %d serving %s (pid %d, %s)", opts.worker_id, root, os.getpid(), self.fs.binding)
             try:
-                stop = llfuse.main(workers=opts.fuse_threads)
+                stop = self.fs.serve(opts.fuse_threads)
             except BaseException:
                 log.exception("FUSE main loop failed")
                 raise
@@ -142,7 +152,7 @@ class Worker:
             self.stopping.set()
             # Close the FUSE session first: with no server left, requests to the binds
             # fail with ENOTCONN instead of hanging while they are unmounted.
-            llfuse.close(unmount=True)
+            self.fs.close()
             self._unbind_all()
             if self.shutdown_requested.is_set():
                 self.shutdown_replied.wait(5)
@@ -221,13 +231,13 @@ class Worker:
                 os.makedirs(mountpoint, exist_ok=True)
             except OSError as exc:
                 raise ApiError(messages.INVALID_REQUEST, f"cannot create mountpoint {mountpoint}: {exc}") from exc
-            with llfuse.lock:
+            with self.fs.lock:
                 layer = self.fs.add_layer(mount_id, args.layer_digest, table)
             fuse_path = str(self.opts.fuse_root / mount_id)
             try:
                 mounts.bind_readonly(fuse_path, mountpoint)
             except mounts.MountError as exc:
-                with llfuse.lock:
+                with self.fs.lock:
                     self.fs.remove_layer(mount_id)
                 raise ApiError(messages.INTERNAL, str(exc)) from exc
             self.mounts[mount_id] = MountRecord(layer, mountpoint, args.toc_digest, args.blob_size)
@@ -270,7 +280,7 @@ class Worker:
             except mounts.MountError as exc:
                 raise ApiError(messages.INTERNAL, str(exc)) from exc
             del self.mounts[mount_id]
-            with llfuse.lock:
+            with self.fs.lock:
                 self.fs.remove_layer(mount_id)
             log.info("unmounted %s from %s", mount_id, record.mountpoint)
 
@@ -283,7 +293,7 @@ class Worker:
         trace = record.layer.trace
         if trace is None:
             raise ApiError(messages.INVALID_REQUEST, f"worker {self.opts.worker_id} does not trace (no --trace)")
-        with llfuse.lock:
+        with self.fs.lock:
             order, seqs, truncated = trace.snapshot()
         paths, seqs, truncated = trace_paths(record.layer.table, order, seqs, truncated)
         return messages.TraceResult(paths=paths, truncated=truncated, seqs=seqs)
@@ -298,12 +308,13 @@ class Worker:
                 mount_id=r.layer.mount_id, mountpoint=r.mountpoint, layer_digest=r.layer.layer_digest,
                 toc_digest=r.toc_digest, blob_size=r.blob_size, reads=c.reads, bytes_read=c.bytes_read,
                 cache_hits=c.cache_hits, cache_misses=c.cache_misses, fetch_errors=c.fetch_errors,
-                last_error=c.last_error, opens=c.opens))
+                last_error=c.last_error, opens=c.opens,
+                pushed_files=c.pushed_files, pushed_bytes=c.pushed_bytes))
         return messages.WorkerStatusResult(pid=os.getpid(), worker_id=self.opts.worker_id,
                                            fuse_root=str(self.opts.fuse_root),
                                            fetcher_connected=self.fetcher.connected, mounts=out,
                                            no_open=self.fs.no_open, llfuse_version=llfuse.__version__,
-                                           tracing=self.fs.trace)
+                                           tracing=self.fs.trace, fuse_binding=self.fs.binding)
 
     def shutdown(self) -> None:
         """Unmount every bind and the FUSE mount; the main loop then ends and the process exits."""
@@ -385,13 +396,15 @@ def parse_args(argv: list[str] | None = None) -> WorkerOptions:
     p.add_argument("--log-format", default="text", choices=logsetup.LOG_FORMATS)
     p.add_argument("--fuse-threads", type=int, default=FUSE_THREADS,
                    help="llfuse request threads (>= 2 so cached reads go on while one waits for the fetcher)")
+    p.add_argument("--fuse-backend", default="llfuse", choices=FUSE_BACKENDS,
+                   help="llfuse (libfuse 2) or pyfuse3 (libfuse 3: READDIRPLUS, page-cache push)")
     p.add_argument("--trace", action="store_true",
                    help="tracing worker: see every open and record the first open of each file per mount")
     a = p.parse_args(argv)
     if a.fuse_threads < 1:
         p.error("--fuse-threads must be at least 1")
     return WorkerOptions(a.worker_id, a.state_dir.resolve(), a.fetcher_socket, a.cache_dir, a.cache_size,
-                         a.fetch_timeout, a.log_level, a.fuse_threads, a.log_format, a.trace)
+                         a.fetch_timeout, a.log_level, a.fuse_threads, a.log_format, a.trace, a.fuse_backend)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,6 +111,7 @@ def test_message_validation() -> None:
     ("[registry]\ntimeout = \"slow\"", "registry.timeout"),
     ("[registry]\nbogus = 1", "registry.bogus"),
     ("workers = 0", "workers"),
+    ("fuse_backend = \"fuse2\"", "fuse_backend"),
 ])
 def test_config_errors_name_the_key(tmp_path: Path, text: str, key: str) -> None:
     cfg = tmp_path / "c.toml"

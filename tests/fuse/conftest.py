@@ -143,6 +143,7 @@ class WorkerEnv:
     store: ChunkStore
     fetcher: LocalFetcher
     proc: Proc | None = None
+    backend: str = "llfuse"
 
     @property
     def control_sock(self) -> Path:
@@ -151,7 +152,8 @@ class WorkerEnv:
     def start_worker(self) -> Proc:
         argv = [sys.executable, "-m", "lazyd.fuse.worker", "--worker-id", "0", "--state-dir", str(self.state),
                 "--fetcher-socket", str(self.fetcher.socket_path), "--cache-dir", str(self.store.directory),
-                "--cache-size", str(1 << 30), "--fetch-timeout", str(FETCH_TIMEOUT), "--log-level", "debug"]
+                "--cache-size", str(1 << 30), "--fetch-timeout", str(FETCH_TIMEOUT), "--log-level", "debug",
+                "--fuse-backend", self.backend]
         self.proc = Proc(argv, self.tmp / "worker.log")
         proc = self.proc
 
@@ -201,13 +203,13 @@ def store(tmp_path: Path) -> Iterator[ChunkStore]:
 
 
 @contextmanager
-def worker_env_in(tmp: Path) -> Iterator[WorkerEnv]:
+def worker_env_in(tmp: Path, backend: str = "llfuse") -> Iterator[WorkerEnv]:
     """A chunk store and a running local fetcher under ``tmp``, for a worker started with ``start_worker``;
     on leaving, the worker is shut down, everything below ``tmp`` unmounted, fetcher and store closed."""
     store = ChunkStore(tmp / "cache", 1 << 30)
     fetcher = LocalFetcher(tmp / "fetcher.sock", store)
     fetcher.start()
-    env = WorkerEnv(tmp, tmp / "worker", store, fetcher)
+    env = WorkerEnv(tmp, tmp / "worker", store, fetcher, backend=backend)
     try:
         yield env
     finally:
@@ -222,9 +224,10 @@ def worker_env_in(tmp: Path) -> Iterator[WorkerEnv]:
         store.close()
 
 
-@pytest.fixture
-def worker_env(tmp_path: Path) -> Iterator[WorkerEnv]:
-    with worker_env_in(tmp_path) as env:
+@pytest.fixture(params=["llfuse", "pyfuse3"])
+def worker_env(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[WorkerEnv]:
+    """A worker environment; the tests that use it run once with each FUSE binding."""
+    with worker_env_in(tmp_path, request.param) as env:
         yield env
 
 

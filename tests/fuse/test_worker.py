@@ -53,7 +53,8 @@ def test_worker_json_socket_mode_and_status(worker_env: WorkerEnv, layer: BuiltL
     assert m == {"mount_id": "m1", "mountpoint": str(mnt), "layer_digest": layer.digest,
                  "toc_digest": layer.toc_digest, "blob_size": layer.blob.stat().st_size, "reads": 0,
                  "bytes_read": 0, "cache_hits": 0, "cache_misses": 0, "fetch_errors": 0, "last_error": None,
-                 "opens": 0}
+                 "opens": 0, "pushed_files": 0, "pushed_bytes": 0}
+    assert status["fuse_binding"].startswith(f"{worker_env.backend} ") and status["fuse_binding"].endswith("+lazyd.readino")
     assert read_file(mnt / "etc/hostname") == b"lazyd\n"
     m = worker_env.mount_status("m1")
     assert (m["reads"], m["bytes_read"], m["cache_misses"]) == (1, 6, 1)
