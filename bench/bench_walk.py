@@ -16,8 +16,9 @@ is refused (named, left out, exit status 1), as in ``bench_e2e.py``.
 
 Targets (issue 11): lazyd <= 1.0x the reference, and <= 1.5x the full download.
 
-Systems: ``lazyd`` (its default FUSE binding), ``lazyd-pyfuse3`` (``fuse_backend = "pyfuse3"``:
-libfuse 3 with READDIRPLUS and page-cache push, docs/design.md), ``reference``, ``download``.
+Systems: ``lazyd`` (its defaults: the pyfuse3 binding, READDIRPLUS and page-cache push, and
+xattr-free workers, docs/design.md), ``lazyd-llfuse`` (``fuse_backend = "llfuse"``),
+``reference``, ``download``.
 ``--systems`` picks a subset.
 
     /opt/lazyd/venv/bin/python bench/bench_walk.py --rounds 2 --link 200mbit:10
@@ -55,10 +56,10 @@ from tests.support.registry import start_registry  # noqa: E402
 from tests.support.tcpproxy import TCPProxy  # noqa: E402
 
 WALK = ("sh", "-c", "tar -cf - /data | wc -c")
-SYSTEMS = ("lazyd", "lazyd-pyfuse3", "reference", "download")
-LAZY = ("lazyd", "lazyd-pyfuse3", "reference")
+SYSTEMS = ("lazyd", "lazyd-llfuse", "reference", "download")
+LAZY = ("lazyd", "lazyd-llfuse", "reference")
 # lazyd's settings per lazyd system (top-level TOML values).
-LAZYD_SETTINGS = {"lazyd": {}, "lazyd-pyfuse3": {"fuse_backend": '"pyfuse3"'}}
+LAZYD_SETTINGS = {"lazyd": {}, "lazyd-llfuse": {"fuse_backend": '"llfuse"'}}
 VARIANTS = ("lazyctl", "ctr-remote")
 
 

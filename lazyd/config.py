@@ -82,9 +82,15 @@ class DaemonConfig:
     workers: int = 2
     """Number of FUSE worker processes; mounts are spread over them."""
 
-    fuse_backend: str = "llfuse"
-    """The workers' FUSE binding: ``llfuse`` (libfuse 2) or ``pyfuse3`` (libfuse 3: listings carry
-    attributes, and a directory's small stored files are pushed into the page cache)."""
+    fuse_backend: str = "pyfuse3"
+    """The workers' FUSE binding: ``pyfuse3`` (libfuse 3: listings carry attributes, and a
+    directory's small stored files are pushed into the page cache) or ``llfuse`` (libfuse 2)."""
+
+    xattr_free_workers: bool = True
+    """Every worker but the last starts undecided about extended attributes: at the kernel's first
+    request for one, a worker none of whose layers has any answers ENOSYS, and the kernel asks it
+    no more (overlayfs asks for two or three a file).  Layers with extended attributes then go to
+    the other workers.  False: every worker serves them (one round trip for each request)."""
 
     cache_size: int = 10 * 1024**3
     """Chunk cache cap in bytes; least-recently-used chunks are evicted above it."""

@@ -30,11 +30,13 @@ TIMEOUT = "timeout"
 UNAVAILABLE = "unavailable"
 INTERNAL = "internal"
 PULL_FAILED = "pull_failed"
+FAILED_PRECONDITION = "failed_precondition"
 
 ERROR_CODES = frozenset(
     {
         INVALID_REQUEST, UNKNOWN_OP, NOT_FOUND, ALREADY_EXISTS, NOT_ESTARGZ, UNAUTHORIZED,
         UNREACHABLE, DIGEST_MISMATCH, FETCH_FAILED, TIMEOUT, UNAVAILABLE, INTERNAL, PULL_FAILED,
+        FAILED_PRECONDITION,
     }
 )
 
@@ -315,6 +317,7 @@ class WorkerStatusResult(Message):
     llfuse_version: str = _f("", max_len=MAX_ID)
     tracing: bool = False
     fuse_binding: str = _f("", max_len=MAX_ID)
+    xattrs: bool = True  # false: the worker told the kernel it has no extended attributes (--no-xattrs)
 
 
 @dataclass(frozen=True)
@@ -459,6 +462,7 @@ class WorkerInfo(Message):
     llfuse_version: str | None = _f(None, max_len=MAX_ID)
     no_open: bool | None = None
     fuse_binding: str | None = _f(None, max_len=MAX_ID)
+    xattrs: bool | None = None
 
 
 @dataclass(frozen=True)

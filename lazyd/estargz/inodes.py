@@ -382,6 +382,10 @@ class InodeTable:
     def xattrs(self, ino: int) -> dict[bytes, bytes]:
         return self._xattrs.get(ino, {})
 
+    def has_xattrs(self) -> bool:
+        """Whether any inode has an extended attribute (an opaque directory's included)."""
+        return any(self._xattrs.values())
+
     def chunks(self, ino: int, offset: int, size: int) -> list[ChunkRef]:
         """The chunks of regular file ``ino`` that overlap ``[offset, offset+size)``."""
         count = self._chunk_count[ino - 1]

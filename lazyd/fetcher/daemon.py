@@ -22,6 +22,7 @@ from typing import Any
 
 from lazyd.api.messages import (
     ALREADY_EXISTS,
+    FAILED_PRECONDITION,
     INVALID_REQUEST,
     MAX_LAYER_REPORTS,
     NOT_FOUND,
@@ -155,6 +156,8 @@ class Daemon:
         self._clean = False
         self._mount_lock = asyncio.Lock()
         self._claimed: set[str] = set()  # mountpoints with a mount in progress
+        # Layers a worker refused for their extended attributes (config xattr_free_workers).
+        self._xattr_layers: set[str] = set()
         self._restored = asyncio.Event()  # set once workers are up and mounts restored
         self._pulls: Any = None  # lazyd.containerd.service.PullService, made by the first ``pull``
         self._pull_imports: asyncio.Task[Any] | None = None
@@ -211,7 +214,8 @@ class Daemon:
                      f"http://{metrics_address}")
         self.supervisor = Supervisor(self.root, cfg.workers, cfg.socket, self.root / "cache", cfg.cache_size,
                                      cfg.fetch_timeout, cfg.log_level, cfg.worker_start_timeout,
-                                     cfg.health_interval, self._worker_died, cfg.log_format, cfg.fuse_backend)
+                                     cfg.health_interval, self._worker_died, cfg.log_format, cfg.fuse_backend,
+                                     cfg.xattr_free_workers)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -353,7 +357,7 @@ class Daemon:
             return
         handle = self.supervisor.workers.get(record.worker_id)
         if handle is None or handle.state != "ready" or handle.draining:
-            handle = self._pick_worker()
+            handle = self._pick_worker(record.layer_digest)
         try:
             await self._worker_mount(handle, record, layer.toc_file)
         except ApiError as exc:
@@ -364,7 +368,7 @@ class Daemon:
             record.state, record.error = "broken", f"re-establishing the mount failed: {exc.message}"
             log.error("re-establishing mount %s at %s failed: %s", record.mount_id, record.mountpoint, exc)
             return
-        record.worker_id = handle.worker_id
+        handle = self.supervisor.workers[record.worker_id]  # _worker_mount set it
         record.state, record.error = "ready", None
         self._save_mount(record)
         self.metrics.mounts_reestablished += 1
@@ -381,6 +385,33 @@ class Daemon:
         return any(m.mount_id == record.mount_id and m.mountpoint == record.mountpoint for m in st.mounts)
 
     async def _worker_mount(self, handle: WorkerHandle, record: MountRecord, toc: TOCFile) -> None:
+        """Mount ``record`` on ``handle``'s worker; a worker that has told the kernel it has no
+        extended attributes refuses a layer with some, and the next worker is asked (the ones
+        that always serve them first), the layer remembered for its next mounts.  On success
+        ``record.worker_id`` names the worker that took it (saved when that is another one)."""
+        tried: set[int] = set()
+        while True:
+            try:
+                await self._worker_mount_on(handle, record, toc)
+            except ApiError as exc:
+                if exc.code != FAILED_PRECONDITION:
+                    raise
+                tried.add(handle.worker_id)
+                self._xattr_layers.add(record.layer_digest)
+                others = [w for w in self._ready_workers() if w.worker_id not in tried]
+                if not others:
+                    raise ApiError(UNAVAILABLE, f"no worker can serve layer {record.layer_digest}: {exc.message}") \
+                        from None
+                handle = self._least_loaded(others, xattrs=True)
+                log.info("layer %s has extended attributes: mounting it on worker %d", record.layer_digest,
+                         handle.worker_id)
+                continue
+            if record.worker_id != handle.worker_id:
+                record.worker_id = handle.worker_id
+                self._save_mount(record)
+            return
+
+    async def _worker_mount_on(self, handle: WorkerHandle, record: MountRecord, toc: TOCFile) -> None:
         meta = toc.meta
         args = WorkerMountArgs(mount_id=record.mount_id, mountpoint=record.mountpoint, layer_digest=meta.layer_digest,
                                toc_digest=meta.toc_digest, toc_path=str(toc.toc_path), blob_size=meta.blob_size,
@@ -403,6 +434,7 @@ class Daemon:
         except (ApiError, asyncio.CancelledError):
             pass
         if mounting.done() and not mounting.cancelled() and mounting.exception() is None:
+            handle = self.supervisor.workers.get(record.worker_id, handle)  # it may have moved (_worker_mount)
             try:
                 await handle.call("worker.unmount", {"mount_id": record.mount_id})
             except ApiError as exc:
@@ -443,15 +475,25 @@ class Daemon:
             if handle.draining and not any(m.worker_id == handle.worker_id for m in self.mounts.values()):
                 await self.supervisor.retire(handle)
 
-    def _pick_worker(self) -> WorkerHandle:
-        ready = [w for w in self.supervisor.workers.values() if w.state == "ready" and not w.draining]
+    def _ready_workers(self) -> list[WorkerHandle]:
+        return [w for w in self.supervisor.workers.values() if w.state == "ready" and not w.draining]
+
+    def _pick_worker(self, layer_digest: str | None = None) -> WorkerHandle:
+        """The least loaded worker of those that suit the layer: for a layer known to have extended
+        attributes the ones that always serve them, for any other the ones that may turn them off
+        (``xattr_free_workers``: the kernel then asks them for none); the others if none is ready."""
+        ready = self._ready_workers()
         if not ready:
             raise ApiError(UNAVAILABLE, "no FUSE worker is running")
-        load = {w.worker_id: 0 for w in ready}
+        return self._least_loaded(ready, xattrs=layer_digest in self._xattr_layers)
+
+    def _least_loaded(self, workers: list[WorkerHandle], xattrs: bool) -> WorkerHandle:
+        load = {w.worker_id: 0 for w in workers}
         for m in self.mounts.values():
             if m.worker_id in load:
                 load[m.worker_id] += 1
-        return min(ready, key=lambda w: (load[w.worker_id], w.worker_id))
+        return min(workers, key=lambda w: ((self.supervisor.xattrs_mode(w.worker_id) == "on") != xattrs,
+                                           load[w.worker_id], w.worker_id))
 
     # -- ops ----------------------------------------------------------------------------
 
@@ -526,7 +568,7 @@ class Daemon:
                 except WorkerError as exc:
                     raise ApiError(UNAVAILABLE, f"cannot start the tracing worker: {exc}") from None
             else:
-                handle = self._pick_worker()
+                handle = self._pick_worker(args.layer_digest)
             record = MountRecord(uuid.uuid4().hex[:16], str(ref), toc.meta.layer_digest, toc.meta.toc_digest,
                                  mountpoint, handle.worker_id)
             self.mounts[record.mount_id] = record
@@ -544,6 +586,7 @@ class Daemon:
                                                                                                     record)
                 prefetch = self._start_background(layer.digest, plan, record)
                 await mounting
+                handle = self.supervisor.workers.get(record.worker_id, handle)  # _worker_mount may have moved it
             except BaseException:
                 await self._undo_worker_mount(handle, record, mounting)
                 raise
@@ -830,7 +873,8 @@ class Daemon:
                                       mounts=sum(1 for m in self.mounts.values() if m.worker_id == h.worker_id),
                                       restarts=h.restarts, llfuse_version=ws.llfuse_version if ws else None,
                                       no_open=ws.no_open if ws else None,
-                                      fuse_binding=ws.fuse_binding if ws else None))
+                                      fuse_binding=ws.fuse_binding if ws else None,
+                                      xattrs=ws.xattrs if ws else None))
         builds = sorted({w.llfuse_version or "unknown" for w in workers if w.llfuse_version is not None})
         layers = self.layers.all()
         rs = self.registry.stats

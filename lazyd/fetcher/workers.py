@@ -92,7 +92,7 @@ class Supervisor:
     def __init__(self, root: Path, count: int, socket_path: str, cache_dir: Path, cache_size: int,
                  fetch_timeout: float, log_level: str, start_timeout: float, interval: float,
                  on_death: Callable[[WorkerHandle], Awaitable[None]], log_format: str = "text",
-                 fuse_backend: str = "llfuse") -> None:
+                 fuse_backend: str = "pyfuse3", xattr_free: bool = False) -> None:
         self.root = root
         self.count = count
         self.socket_path = socket_path
@@ -102,6 +102,7 @@ class Supervisor:
         self.log_level = log_level
         self.log_format = log_format
         self.fuse_backend = fuse_backend
+        self.xattr_free = xattr_free
         self.start_timeout = start_timeout
         self.interval = interval
         self.on_death = on_death
@@ -109,6 +110,11 @@ class Supervisor:
         self._monitor: asyncio.Task[None] | None = None
         self._restarting: set[int] = set()
         self._tracer_lock = asyncio.Lock()
+
+    def xattrs_mode(self, worker_id: int) -> str:
+        """``--xattrs`` of a worker: ``auto`` for every ordinary worker but the last with
+        ``xattr_free``, so that one always serves layers with extended attributes; else ``on``."""
+        return "auto" if self.xattr_free and 0 <= worker_id < self.count - 1 else "on"
 
     def state_dir(self, worker_id: int) -> Path:
         if worker_id == TRACE_WORKER_ID:
@@ -184,7 +190,8 @@ class Supervisor:
         argv = [sys.executable, "-m", "lazyd.fuse.worker", "--worker-id", str(worker_id), "--state-dir", str(state_dir),
                 "--fetcher-socket", self.socket_path, "--cache-dir", str(self.cache_dir),
                 "--cache-size", str(self.cache_size), "--fetch-timeout", str(self.fetch_timeout),
-                "--log-level", self.log_level, "--log-format", self.log_format, "--fuse-backend", self.fuse_backend]
+                "--log-level", self.log_level, "--log-format", self.log_format, "--fuse-backend", self.fuse_backend,
+                "--xattrs", self.xattrs_mode(worker_id)]
         if worker_id == TRACE_WORKER_ID:
             argv.append("--trace")
         fd = os.open(state_dir / "worker.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)

@@ -141,6 +141,10 @@ def _search_path(table: InodeTable, target: int) -> str | None:
     return None
 
 
+class XattrsOff(Exception):
+    """A layer with extended attributes, for a worker that has told the kernel it has none."""
+
+
 @dataclass
 class Layer:
     """One mounted layer: its name in the FUSE root, its digest and its inodes."""
@@ -165,9 +169,16 @@ class LayerFS:
     as they are, ``lazyd.fuse.fs3.LazyFS3`` through pyfuse3.
     """
 
-    def __init__(self, api: Any, lock: Any, reader: ChunkReader, no_open: bool, trace: bool = False) -> None:
+    def __init__(self, api: Any, lock: Any, reader: ChunkReader, no_open: bool, trace: bool = False,
+                 xattrs: bool | None = True) -> None:
         super().__init__()
         self.api = api
+        # Extended attributes: True, served; None ("auto"), decided at the first GETXATTR or
+        # LISTXATTR: served if a mounted layer has some, else off; False, off: GETXATTR and
+        # LISTXATTR are answered ENOSYS, and the kernel sends no more of them on this FUSE
+        # connection (overlayfs asks for two or three a file), so no layer with extended
+        # attributes may be added (``add_layer`` refuses it).
+        self.xattrs = xattrs
         self.lock = lock
         self.reader = reader
         self.trace = trace
@@ -191,6 +202,11 @@ class LayerFS:
         name = mount_id.encode()
         if name in self._by_name:
             raise KeyError(f"layer directory {mount_id!r} already exists")
+        if table.has_xattrs():
+            if self.xattrs is False:
+                raise XattrsOff(f"layer {layer_digest} has extended attributes, and this worker told the kernel "
+                                "it has none")
+            self.xattrs = True
         layer = Layer(next(self._slots), mount_id, layer_digest, table, trace=OpenTrace() if self.trace else None)
         self._layers[layer.slot] = layer
         self._by_name[name] = layer
@@ -286,7 +302,15 @@ class LayerFS:
             raise self.api.FUSEError(errno.EINVAL)
         return target
 
+    def _xattrs_on(self) -> bool:
+        """Whether extended attributes are served; an undecided ("auto") worker decides now, for good."""
+        if self.xattrs is None:
+            self.xattrs = False  # no mounted layer has any: add_layer would have said so
+        return self.xattrs
+
     def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        if not self._xattrs_on():
+            raise self.api.FUSEError(errno.ENOSYS)
         if inode == ROOT_INODE:
             raise self.api.FUSEError(self.api.ENOATTR)
         layer, local = self._resolve(inode)
@@ -296,6 +320,8 @@ class LayerFS:
         return value
 
     def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        if not self._xattrs_on():
+            raise self.api.FUSEError(errno.ENOSYS)
         if inode == ROOT_INODE:
             return []
         layer, local = self._resolve(inode)
@@ -388,8 +414,9 @@ class LayerFS:
 class LazyFS(LayerFS, llfuse.Operations):
     """``LayerFS`` served by llfuse (libfuse 2): its methods are llfuse's operations, under ``llfuse.lock``."""
 
-    def __init__(self, reader: ChunkReader, no_open: bool = READ_GETS_INODE, trace: bool = False) -> None:
-        super().__init__(llfuse, llfuse.lock, reader, no_open, trace)
+    def __init__(self, reader: ChunkReader, no_open: bool = READ_GETS_INODE, trace: bool = False,
+                 xattrs: bool | None = True) -> None:
+        super().__init__(llfuse, llfuse.lock, reader, no_open, trace, xattrs)
 
     @staticmethod
     def unlocked() -> AbstractContextManager[object]:

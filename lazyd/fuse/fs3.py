@@ -62,8 +62,8 @@ class LazyFS3(LayerFS, pyfuse3.Operations):  # type: ignore[misc]
     """``LayerFS`` served by pyfuse3, with READDIRPLUS and push (module doc)."""
 
     def __init__(self, reader: ChunkReader, no_open: bool = READ_GETS_INODE, trace: bool = False,
-                 push: bool = True) -> None:
-        super().__init__(pyfuse3, threading.Lock(), reader, no_open, trace)
+                 xattrs: bool | None = True, push: bool = True) -> None:
+        super().__init__(pyfuse3, threading.Lock(), reader, no_open, trace, xattrs)
         self.push = push
         # Directory inode -> noted files: (file inode, tries left).
         self._noted: dict[int, dict[int, int]] = {}

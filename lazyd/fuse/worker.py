@@ -40,7 +40,7 @@ from lazyd import logsetup
 from lazyd import mounttable as mounts
 from lazyd import unixsocket
 from lazyd.fuse.fetchconn import FetcherConnection
-from lazyd.fuse.fs import LayerFS, LazyFS, Layer, trace_paths
+from lazyd.fuse.fs import LayerFS, LazyFS, Layer, XattrsOff, trace_paths
 from lazyd.estargz.inodes import InodeTable, InodeTableError
 from lazyd.fuse.reader import ChunkReader
 
@@ -48,6 +48,7 @@ log = logging.getLogger("lazyd.fuse.worker")
 
 FUSE_OPTIONS = {"fsname=lazyd", "subtype=lazyd", "ro", "default_permissions"}
 FUSE_THREADS = 4
+_XATTRS: dict[str, bool | None] = {"on": True, "auto": None, "off": False}
 
 
 @dataclass
@@ -62,7 +63,8 @@ class WorkerOptions:
     fuse_threads: int = FUSE_THREADS
     log_format: str = "text"
     trace: bool = False
-    fuse_backend: str = "llfuse"
+    fuse_backend: str = "pyfuse3"
+    xattrs: str = "on"  # on, auto or off (LayerFS.xattrs)
 
     @property
     def fuse_root(self) -> Path:
@@ -98,9 +100,9 @@ class Worker:
         self.fs: LayerFS
         if opts.fuse_backend == "pyfuse3":
             from lazyd.fuse.fs3 import LazyFS3  # imports trio and pyfuse3: only where they are used
-            self.fs = LazyFS3(self.reader, trace=opts.trace)
+            self.fs = LazyFS3(self.reader, trace=opts.trace, xattrs=_XATTRS[opts.xattrs])
         else:
-            self.fs = LazyFS(self.reader, trace=opts.trace)
+            self.fs = LazyFS(self.reader, trace=opts.trace, xattrs=_XATTRS[opts.xattrs])
         self.mounts: dict[str, MountRecord] = {}
         self._ops_lock = threading.Lock()
         self._server: _ControlServer | None = None
@@ -232,7 +234,10 @@ class Worker:
             except OSError as exc:
                 raise ApiError(messages.INVALID_REQUEST, f"cannot create mountpoint {mountpoint}: {exc}") from exc
             with self.fs.lock:
-                layer = self.fs.add_layer(mount_id, args.layer_digest, table)
+                try:
+                    layer = self.fs.add_layer(mount_id, args.layer_digest, table)
+                except XattrsOff as exc:
+                    raise ApiError(messages.FAILED_PRECONDITION, f"worker {self.opts.worker_id}: {exc}") from None
             fuse_path = str(self.opts.fuse_root / mount_id)
             try:
                 mounts.bind_readonly(fuse_path, mountpoint)
@@ -314,7 +319,8 @@ class Worker:
                                            fuse_root=str(self.opts.fuse_root),
                                            fetcher_connected=self.fetcher.connected, mounts=out,
                                            no_open=self.fs.no_open, llfuse_version=llfuse.__version__,
-                                           tracing=self.fs.trace, fuse_binding=self.fs.binding)
+                                           tracing=self.fs.trace, fuse_binding=self.fs.binding,
+                                           xattrs=self.fs.xattrs is not False)
 
     def shutdown(self) -> None:
         """Unmount every bind and the FUSE mount; the main loop then ends and the process exits."""
@@ -396,15 +402,21 @@ def parse_args(argv: list[str] | None = None) -> WorkerOptions:
     p.add_argument("--log-format", default="text", choices=logsetup.LOG_FORMATS)
     p.add_argument("--fuse-threads", type=int, default=FUSE_THREADS,
                    help="llfuse request threads (>= 2 so cached reads go on while one waits for the fetcher)")
-    p.add_argument("--fuse-backend", default="llfuse", choices=FUSE_BACKENDS,
+    p.add_argument("--fuse-backend", default="pyfuse3", choices=FUSE_BACKENDS,
                    help="llfuse (libfuse 2) or pyfuse3 (libfuse 3: READDIRPLUS, page-cache push)")
+    p.add_argument("--xattrs", default="on", choices=sorted(_XATTRS),
+                   help="on: serve extended attributes; off: answer the kernel's first GETXATTR and LISTXATTR with "
+                        "ENOSYS, so it sends none after (overlayfs asks for two or three a file), and refuse layers "
+                        "that have extended attributes; auto: off at the first such request if no mounted layer has "
+                        "any, else on")
     p.add_argument("--trace", action="store_true",
                    help="tracing worker: see every open and record the first open of each file per mount")
     a = p.parse_args(argv)
     if a.fuse_threads < 1:
         p.error("--fuse-threads must be at least 1")
     return WorkerOptions(a.worker_id, a.state_dir.resolve(), a.fetcher_socket, a.cache_dir, a.cache_size,
-                         a.fetch_timeout, a.log_level, a.fuse_threads, a.log_format, a.trace, a.fuse_backend)
+                         a.fetch_timeout, a.log_level, a.fuse_threads, a.log_format, a.trace, a.fuse_backend,
+                         a.xattrs)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import random
 import socket
 import subprocess
 import sys
@@ -133,6 +134,32 @@ def rich_tar(path: Path) -> Path:
     return path
 
 
+# -- a layer of small files and no extended attributes ----------------------------------
+
+FILES = 300
+
+
+@pytest.fixture(scope="session")
+def small_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[BuiltLayer, dict[str, bytes]]:
+    """A layer with ``FILES`` small random files in ``d/``, one empty file, and one of 200 KiB."""
+    tmp = tmp_path_factory.mktemp("push")
+    rnd = random.Random(5)
+    contents = {f"d/f{i:04d}": rnd.randbytes(rnd.randrange(1, 3000)) for i in range(FILES)}
+    contents["d/empty"] = b""
+    contents["d/big"] = rnd.randbytes(200 * 1024)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("d")
+        info.type, info.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(info)
+        for name, data in contents.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    (tmp / "small.tar").write_bytes(buf.getvalue())
+    return make_layer(tmp / "small.tar", tmp / "blobs"), contents
+
+
 # -- a running worker --------------------------------------------------------------
 
 
@@ -144,6 +171,7 @@ class WorkerEnv:
     fetcher: LocalFetcher
     proc: Proc | None = None
     backend: str = "llfuse"
+    worker_args: tuple[str, ...] = ()
 
     @property
     def control_sock(self) -> Path:
@@ -153,7 +181,7 @@ class WorkerEnv:
         argv = [sys.executable, "-m", "lazyd.fuse.worker", "--worker-id", "0", "--state-dir", str(self.state),
                 "--fetcher-socket", str(self.fetcher.socket_path), "--cache-dir", str(self.store.directory),
                 "--cache-size", str(1 << 30), "--fetch-timeout", str(FETCH_TIMEOUT), "--log-level", "debug",
-                "--fuse-backend", self.backend]
+                "--fuse-backend", self.backend, *self.worker_args]
         self.proc = Proc(argv, self.tmp / "worker.log")
         proc = self.proc
 

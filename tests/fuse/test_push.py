@@ -3,42 +3,15 @@ before their READ, with exactly the tar's bytes; nothing is pushed that is not s
 
 from __future__ import annotations
 
-import io
 import os
-import random
-import tarfile
 import time
 from pathlib import Path
 
 import pytest
 
 from lazyd.cache.store import ChunkKey, ChunkStore
-from tests.fuse.conftest import BuiltLayer, make_layer, worker_env_in
+from tests.fuse.conftest import FILES, BuiltLayer, worker_env_in
 from tests.support.procs import wait_until
-
-FILES = 300
-
-
-@pytest.fixture(scope="module")
-def small_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[BuiltLayer, dict[str, bytes]]:
-    """A layer with ``FILES`` small random files in ``d/``, one empty file, and one of 200 KiB."""
-    tmp = tmp_path_factory.mktemp("push")
-    rnd = random.Random(5)
-    contents = {f"d/f{i:04d}": rnd.randbytes(rnd.randrange(1, 3000)) for i in range(FILES)}
-    contents["d/empty"] = b""
-    contents["d/big"] = rnd.randbytes(200 * 1024)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        info = tarfile.TarInfo("d")
-        info.type, info.mode = tarfile.DIRTYPE, 0o755
-        tar.addfile(info)
-        for name, data in contents.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), 0o644
-            tar.addfile(info, io.BytesIO(data))
-    (tmp / "small.tar").write_bytes(buf.getvalue())
-    return make_layer(tmp / "small.tar", tmp / "blobs"), contents
-
 
 def _read_all(mnt: Path, contents: dict[str, bytes]) -> None:
     for name in sorted(os.listdir(mnt / "d")):
