@@ -381,11 +381,17 @@ class LayerFS:
             raise self.api.FUSEError(errno.ENOSYS)
         return inode
 
-    def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+    def read(self, fh: int, off: int, size: int, cached_only: bool = False) -> bytes | memoryview | None:
+        """The READ; with ``cached_only``, None where it would have to wait (``ChunkReader.read_cached``)."""
         layer, local = self._resolve(fh)
         counters = layer.counters
         try:
-            data = self.reader.read(layer.layer_digest, layer.table, local, off, size, counters)
+            if cached_only:
+                data = self.reader.read_cached(layer.layer_digest, layer.table, local, off, size, counters)
+                if data is None:
+                    return None
+            else:
+                data = self.reader.read(layer.layer_digest, layer.table, local, off, size, counters)
         except Exception as exc:  # noqa: BLE001 - any failure is EIO for this read only
             counters.fetch_errors += 1
             counters.last_error = str(exc)

@@ -13,8 +13,9 @@ what libfuse 3 adds:
   The READ is answered first: the pusher runs beside it and never holds the lock, so a push
   that waits for a page another READ is filling cannot hold that READ up.
 
-Requests run in trio's thread; reads run in worker threads (``trio.to_thread``), holding the
-lock except while they wait, as llfuse's threads do.  A pyfuse3 whose ``read`` gets the inode
+Requests run in trio's thread, under the lock.  A READ whose chunks are all in the reader's LRU
+or (small) in the store is answered there too; any other runs in a worker thread
+(``trio.to_thread``), holding the lock except while it waits, as llfuse's threads do.  A pyfuse3 whose ``read`` gets the inode
 with no file handle (``contrib/pyfuse3``, version ``+lazyd.readino``) lets OPEN be refused
 ("no_open"), as with llfuse.
 """
@@ -188,8 +189,10 @@ class LazyFS3(LayerFS, pyfuse3.Operations):  # type: ignore[misc]
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
-        data = await trio.to_thread.run_sync(self._read, fh, off, size, limiter=self._limiter)
-        return data  # type: ignore[no-any-return]
+        data = self._read(fh, off, size, cached_only=True)  # a hit: answered here, no thread hop
+        if data is None:
+            data = await trio.to_thread.run_sync(self._read, fh, off, size, limiter=self._limiter)
+        return data  # type: ignore[return-value]
 
     async def flush(self, fh: int) -> None:
         LayerFS.flush(self, fh)
@@ -205,10 +208,13 @@ class LazyFS3(LayerFS, pyfuse3.Operations):  # type: ignore[misc]
 
     # -- reads and pushes ---------------------------------------------------------------
 
-    def _read(self, fh: int, off: int, size: int) -> bytes | memoryview:
-        """One READ, in a worker thread: ``LayerFS.read`` under the lock, then queue a push."""
+    def _read(self, fh: int, off: int, size: int, cached_only: bool = False) -> bytes | memoryview | None:
+        """One READ: ``LayerFS.read`` under the lock, then queue a push.  In a worker thread; in
+        trio's with ``cached_only`` (None: it would wait)."""
         with self.lock:
-            data = LayerFS.read(self, fh, off, size)
+            data = LayerFS.read(self, fh, off, size, cached_only)
+            if data is None:
+                return None
             job = None
             if self.push:
                 self._remember_pushed([fh])  # in the page cache now: not to be pushed again

@@ -164,6 +164,39 @@ class ChunkReader:
             return b""
         refs = table.chunks(ino, offset, size)
         datas = self._chunks(layer, table, ino, refs, counters)
+        return self._assemble(layer, ino, refs, datas, offset, size)
+
+    def read_cached(self, layer: str, table: InodeTable, ino: int, offset: int, size: int,
+                    counters: MountCounters) -> bytes | memoryview | None:
+        """Like ``read`` when it need not wait: every chunk in the LRU, or in the store and smaller than
+        ``_UNLOCK_SIZE`` (a quick read of the store's index); else None, with nothing counted, for
+        ``read`` in a thread that may wait (the pyfuse3 binding answers hits in its event loop)."""
+        file_size = table.raw_attr(ino)[4]
+        size = min(size, file_size - offset)
+        if size <= 0:
+            return b""
+        refs = table.chunks(ino, offset, size)
+        datas: list[bytes] = []
+        loaded = False
+        for ref in refs:
+            key = ChunkKey(layer, ref.blob_offset, ref.inner_offset)
+            data = self.lru.get(key)
+            if data is not None:
+                loaded |= self._take_prefetched(key)
+            elif ref.size < _UNLOCK_SIZE and not self._loading(key):
+                data = self._from_store(key, ref)
+                loaded = True
+            if data is None:
+                return None
+            datas.append(data)
+        counters.cache_hits += len(refs)
+        if loaded:
+            self._read_ahead(layer, table, ino, refs[-1])
+        return self._assemble(layer, ino, refs, datas, offset, size)
+
+    def _assemble(self, layer: str, ino: int, refs: list[ChunkRef], datas: list[bytes], offset: int,
+                  size: int) -> bytes | memoryview:
+        """``size`` bytes from ``offset`` out of the chunks ``refs`` (their bytes ``datas``)."""
         end = offset + size
         parts = []
         for ref, data in zip(refs, datas):
@@ -197,13 +230,18 @@ class ChunkReader:
                 counters.cache_hits += 1
         if missing:
             self._fetch_pinned(layer, missing, found)
-        if loaded and self._readahead is not None:
-            last = refs[-1]
-            for ref in table.chunks(ino, last.file_offset + last.size, _READAHEAD_BYTES):
-                key = ChunkKey(layer, ref.blob_offset, ref.inner_offset)
-                if self.lru.get(key) is None and not self._loading(key):
-                    self._readahead.submit(self._load_ahead, key, ref)
+        if loaded:
+            self._read_ahead(layer, table, ino, refs[-1])
         return [found[k] for k in keys]
+
+    def _read_ahead(self, layer: str, table: InodeTable, ino: int, last: ChunkRef) -> None:
+        """Load the file's next ``_READAHEAD_BYTES`` of chunks after ``last`` from the store, in the background."""
+        if self._readahead is None:
+            return
+        for ref in table.chunks(ino, last.file_offset + last.size, _READAHEAD_BYTES):
+            key = ChunkKey(layer, ref.blob_offset, ref.inner_offset)
+            if self.lru.get(key) is None and not self._loading(key):
+                self._readahead.submit(self._load_ahead, key, ref)
 
     def _fetch_pinned(self, layer: str, wanted: list[tuple[ChunkKey, ChunkRef]],
                       found: dict[ChunkKey, bytes]) -> None:

@@ -23,6 +23,7 @@ from lazyd.api import wire
 from lazyd.cache.store import ChunkStore
 from lazyd import mounttable as mounts
 from tests.fuse.fetcher import LocalFetcher, LocalLayer
+from tests.support.tars import write_tar
 from tests.support.procs import Proc, wait_until
 
 FETCH_TIMEOUT = 2.0
@@ -147,17 +148,7 @@ def small_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[BuiltLayer, d
     contents = {f"d/f{i:04d}": rnd.randbytes(rnd.randrange(1, 3000)) for i in range(FILES)}
     contents["d/empty"] = b""
     contents["d/big"] = rnd.randbytes(200 * 1024)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        info = tarfile.TarInfo("d")
-        info.type, info.mode = tarfile.DIRTYPE, 0o755
-        tar.addfile(info)
-        for name, data in contents.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), 0o644
-            tar.addfile(info, io.BytesIO(data))
-    (tmp / "small.tar").write_bytes(buf.getvalue())
-    return make_layer(tmp / "small.tar", tmp / "blobs"), contents
+    return make_layer(write_tar(tmp / "small.tar", ["d"], contents, pax=True), tmp / "blobs"), contents
 
 
 # -- a running worker --------------------------------------------------------------

@@ -188,3 +188,26 @@ def test_reads_report_use_to_the_store_lru_unless_recent(tmp_path: Path, layer: 
             assert _access_time(reader, key) >= since
         else:
             assert _access_time(reader, key) == stored
+
+
+def test_read_cached_answers_only_what_needs_no_wait(served: tuple[ChunkReader, LocalFetcher, FetcherConnection],
+                                                     layer: BuiltLayer) -> None:
+    """``read_cached`` (the pyfuse3 binding's in-loop READ): None, nothing counted and nothing fetched while a
+    chunk is missing, or big and only in the store; the right bytes once it is in the store or the LRU."""
+    reader, fetcher, _ = served
+    table = InodeTable.from_toc(layer.local.toc)
+    with tarfile.open(layer.tar) as tf:
+        small = tf.extractfile("etc/hostname").read()  # type: ignore[union-attr]
+        big = tf.extractfile("data/big.bin").read()  # type: ignore[union-attr]
+    counters = MountCounters()
+    ino, big_ino = _path(table, "etc/hostname"), _path(table, "data/big.bin")
+    assert reader.read_cached(layer.digest, table, ino, 0, 4096, counters) is None
+    assert (counters.cache_hits, counters.cache_misses, fetcher.stats.requests) == (0, 0, 0)
+    assert bytes(reader.read(layer.digest, table, ino, 0, 4096, counters)) == small  # fetched and stored
+    assert bytes(reader.read_cached(layer.digest, table, ino, 0, 4096, counters)) == small  # type: ignore[arg-type]
+    assert counters.cache_hits == 1 and fetcher.stats.requests == 1
+    assert reader.read_cached(layer.digest, table, big_ino, 0, 131072, counters) is None  # not stored yet
+    reader.read(layer.digest, table, big_ino, 0, 1, counters)
+    # Its first chunk (4 MiB) went to the LRU with that read: answered in the loop from there.
+    assert bytes(reader.read_cached(layer.digest, table, big_ino, 4096, 131072, counters)) == big[4096:4096 + 131072]  # type: ignore[arg-type]
+    assert reader.read_cached(layer.digest, table, ino, 6, 10, counters) == b""  # past the end

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import os
-import tarfile
 from collections.abc import Iterator
 
 import pytest
 
 from lazyd.estargz import BuildOptions
+from tests.support.tars import write_tar
 from tests.support.estargz_images import EStargzImage, build_layers, push_layers
 from tests.support.registry import Registry, running_registry
 
@@ -34,16 +33,7 @@ def layer_files() -> dict[str, bytes]:
 def image(registry: Registry, layer_files: dict[str, bytes], tmp_path_factory: pytest.TempPathFactory) -> EStargzImage:
     """``layer_files`` as a one-layer eStargz image (256 KiB chunks) pushed as systemd-esgz:t."""
     work = tmp_path_factory.mktemp("systemd-image")
-    tar_path = work / "layer.tar"
-    with tarfile.open(tar_path, "w") as tar:
-        for d in ("etc", "data"):
-            info = tarfile.TarInfo(d)
-            info.type, info.mode = tarfile.DIRTYPE, 0o755
-            tar.addfile(info)
-        for name, data in layer_files.items():
-            info = tarfile.TarInfo(name)
-            info.size, info.mode = len(data), 0o644
-            tar.addfile(info, io.BytesIO(data))
+    tar_path = write_tar(work / "layer.tar", ["etc", "data"], layer_files)
     layers = build_layers([tar_path], work / "esgz", BuildOptions(chunk_size=256 * 1024))
     return push_layers(registry.host, "systemd-esgz:t", layers)
 
