@@ -88,8 +88,8 @@ class DaemonConfig:
 
     xattr_free_workers: bool = True
     """Every worker but the last starts undecided about extended attributes: at the kernel's first
-    request for one, a worker none of whose layers has any answers ENOSYS, and the kernel asks it
-    no more (overlayfs asks for two or three a file).  Layers with extended attributes then go to
+    GETXATTR, a worker none of whose layers has any answers ENOSYS, and the kernel asks it for none
+    again (overlayfs asks for two or three a file; LISTXATTR is still answered).  Layers with extended attributes then go to
     the other workers.  False: every worker serves them (one round trip for each request)."""
 
     cache_size: int = 10 * 1024**3

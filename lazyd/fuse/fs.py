@@ -173,11 +173,12 @@ class LayerFS:
                  xattrs: bool | None = True) -> None:
         super().__init__()
         self.api = api
-        # Extended attributes: True, served; None ("auto"), decided at the first GETXATTR or
-        # LISTXATTR: served if a mounted layer has some, else off; False, off: GETXATTR and
-        # LISTXATTR are answered ENOSYS, and the kernel sends no more of them on this FUSE
-        # connection (overlayfs asks for two or three a file), so no layer with extended
-        # attributes may be added (``add_layer`` refuses it).
+        # Extended attributes: True, served; None ("auto"), decided at the first GETXATTR:
+        # served if a mounted layer has some, else off; False, off: GETXATTR is answered ENOSYS,
+        # and the kernel sends no more on this FUSE connection (overlayfs asks for two or three a
+        # file) and answers EOPNOTSUPP itself, so no layer with extended attributes may be added
+        # (``add_layer`` refuses it).  LISTXATTR is always answered: an empty list, as a normal
+        # pull's files give, where the kernel's own answer would be EOPNOTSUPP.
         self.xattrs = xattrs
         self.lock = lock
         self.reader = reader
@@ -320,8 +321,6 @@ class LayerFS:
         return value
 
     def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        if not self._xattrs_on():
-            raise self.api.FUSEError(errno.ENOSYS)
         if inode == ROOT_INODE:
             return []
         layer, local = self._resolve(inode)

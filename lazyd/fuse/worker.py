@@ -405,10 +405,9 @@ def parse_args(argv: list[str] | None = None) -> WorkerOptions:
     p.add_argument("--fuse-backend", default="pyfuse3", choices=FUSE_BACKENDS,
                    help="llfuse (libfuse 2) or pyfuse3 (libfuse 3: READDIRPLUS, page-cache push)")
     p.add_argument("--xattrs", default="on", choices=sorted(_XATTRS),
-                   help="on: serve extended attributes; off: answer the kernel's first GETXATTR and LISTXATTR with "
-                        "ENOSYS, so it sends none after (overlayfs asks for two or three a file), and refuse layers "
-                        "that have extended attributes; auto: off at the first such request if no mounted layer has "
-                        "any, else on")
+                   help="on: serve extended attributes; off: answer the kernel's first GETXATTR with ENOSYS, so "
+                        "it sends none after (overlayfs asks for two or three a file), and refuse layers that have "
+                        "extended attributes; auto: off at the first GETXATTR if no mounted layer has any, else on")
     p.add_argument("--trace", action="store_true",
                    help="tracing worker: see every open and record the first open of each file per mount")
     a = p.parse_args(argv)

@@ -86,9 +86,14 @@ def test_killed_worker_is_restarted_and_mounts_reestablished(daemon_factory, bus
         check_tree(mp, layer.tar)
 
 
+# Mounts spread over every worker by load alone (xattr-free workers would take every layer
+# without extended attributes first: docs/design.md, "Workers without extended attributes").
+SPREAD = "xattr_free_workers = false"
+
+
 def test_sigterm_keeps_mounts_and_restart_replaces_a_worker_that_died_meanwhile(
         daemon_factory, busybox: EStargzImage) -> None:
-    d: DaemonProc = daemon_factory(workers=2).start()
+    d: DaemonProc = daemon_factory(workers=2, extra=SPREAD).start()
     mps = d.mount_layers(busybox, "t")
     with d.client() as c:
         st = c.status()
@@ -129,7 +134,7 @@ def test_lowering_workers_adopts_the_extra_worker_which_drains_and_stops(
     """After ``workers`` is lowered, a restarted fetcher adopts every live worker: the extra
     one keeps serving its mounts (not reported broken), gets no new mount, and stops once it
     serves nothing."""
-    d: DaemonProc = daemon_factory(workers=2, extra=NO_BACKGROUND).start()
+    d: DaemonProc = daemon_factory(workers=2, extra=f"{NO_BACKGROUND}\n{SPREAD}").start()
     mps = d.mount_layers(busybox, "w")
     with d.client() as c:
         st = c.status()
