@@ -1,20 +1,26 @@
-"""The read-only llfuse filesystem of a worker: one top-level directory per layer.
+"""The read-only filesystem of a worker (``LayerFS``): one top-level directory per layer.
 
-Inode numbers: the FUSE root is ``llfuse.ROOT_INODE``; inode ``i`` of the layer
+``LayerFS`` answers every operation whatever the binding; ``LazyFS`` (here) serves it through
+llfuse (libfuse 2), ``lazyd.fuse.fs3.LazyFS3`` through pyfuse3 (libfuse 3, the default).
+
+Inode numbers: the FUSE root is ``ROOT_INODE``; inode ``i`` of the layer
 in slot ``s`` (slots start at 1 and are never reused) is ``s << 32 | i``, so
 numbers are unique across the layers of one worker and stable for its life.
-Every handler runs under llfuse's global lock; the reader releases it while it
-waits for the fetcher.  Attributes never change, so the kernel may cache
+Every handler runs under the binding's lock (``LayerFS.lock``); the reader releases it
+while it waits for the fetcher.  Attributes never change, so the kernel may cache
 entries, attributes and page-cache data for as long as it likes.
 
-Opens: with lazyd's patched llfuse (``contrib/llfuse``, version ``+lazyd.readino``),
+Opens: with lazyd's patched llfuse or pyfuse3 (``contrib/``, version ``+lazyd.readino``),
 ``read`` gets the inode when the kernel sends no file handle.  The first OPEN is then
 answered with ENOSYS, which switches the kernel to "no_open": it opens files by
 itself, sends no OPEN or RELEASE, keeps the page cache, and sends READ with fh 0.
-That halves the round trips of an open+read of a cached file.  With a stock llfuse,
+That halves the round trips of an open+read of a cached file.  With a stock binding,
 ``open`` returns the inode as the handle, so ``read`` sees the same number.
 
-Tracing (``LazyFS(trace=True)``, the tracing worker): OPEN is never refused, so the kernel
+Extended attributes: a worker may tell the kernel it has none (``LayerFS.xattrs``, config
+``xattr_free_workers``), so that overlayfs's per-file GETXATTRs never reach it.
+
+Tracing (``trace=True``, the tracing worker): OPEN is never refused, so the kernel
 sends one for every ``open()``/``execve()`` of a file, cached or not, and each layer keeps
 the first open of each regular file in order (``OpenTrace``), for ``lazyctl image optimize``.
 """
